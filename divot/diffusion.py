@@ -1,0 +1,116 @@
+"""Noise schedule, v-prediction targets and classifier-free guidance as pure functions.
+
+DESIGN.md §3: 1000 steps, scaled-linear betas 0.00085→0.012 rescaled to zero
+terminal SNR (Lin et al. 2024), v-prediction. Timesteps are per frame: ``t`` has
+shape (b, f), so one clip may mix clean and noisy frames (the UniCon-style use in
+a later issue); a shared timestep is simply ``t[:, :1].expand(b, f)``.
+
+Axes: b = batch, f = frames, c = channels, h, w = height, width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, UniPCMultistepScheduler)
+
+SAMPLERS = ("ddim", "dpm++", "unipc", "euler")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    rescale_zero_terminal_snr: bool = True
+    prediction_type: str = "v_prediction"
+
+
+def _common_kwargs(cfg: NoiseConfig) -> dict:
+    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
+                prediction_type=cfg.prediction_type)
+
+
+def alphas_cumprod(cfg: NoiseConfig) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1, from diffusers' own beta construction (incl. the zero-SNR rescale)."""
+    sched = DDPMScheduler(**_common_kwargs(cfg), rescale_betas_zero_snr=cfg.rescale_zero_terminal_snr)
+    return sched.alphas_cumprod.clone().float()
+
+
+def make_sampler(cfg: NoiseConfig, kind: str = "ddim"):
+    """A diffusers scheduler for inference. Zero terminal SNR needs 'trailing' spacing
+    so sampling starts at t = T-1 (pure noise) (Lin et al. 2024, §3.3)."""
+    kw = dict(_common_kwargs(cfg), timestep_spacing="trailing")
+    zsnr = cfg.rescale_zero_terminal_snr
+    if kind == "ddim":
+        return DDIMScheduler(**kw, rescale_betas_zero_snr=zsnr, clip_sample=False, set_alpha_to_one=False)
+    if kind == "dpm++":
+        # final_sigmas_type="zero" keeps the last step deterministic; with zero SNR the
+        # first sigma is infinite, which DPM-Solver handles only via rescale support.
+        return DPMSolverMultistepScheduler(**kw, rescale_betas_zero_snr=zsnr, algorithm_type="dpmsolver++",
+                                           solver_order=2, final_sigmas_type="zero")
+    if kind == "unipc":
+        return UniPCMultistepScheduler(**kw, rescale_betas_zero_snr=zsnr, final_sigmas_type="zero")
+    if kind == "euler":
+        return EulerDiscreteScheduler(**kw, rescale_betas_zero_snr=zsnr, final_sigmas_type="zero")
+    raise ValueError(f"unknown sampler {kind!r}; choose from {SAMPLERS}")
+
+
+def _gather(acp: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(ᾱ_t), sqrt(1-ᾱ_t) shaped (b, f, 1, …) to broadcast over (b, f, c, h, w)."""
+    a = acp.to(t.device)[t].float()
+    shape = tuple(t.shape) + (1,) * (ndim - t.ndim)
+    return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε, with t of shape (b, f)."""
+    sa, so = _gather(acp, t, x0.ndim)
+    return sa * x0 + so * noise
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(ᾱ_t) ε − sqrt(1-ᾱ_t) x_0 (Salimans & Ho 2022)."""
+    sa, so = _gather(acp, t, x0.ndim)
+    return sa * noise - so * x0
+
+
+def x0_from_v(xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor, acp: torch.Tensor) -> torch.Tensor:
+    """x_0 = sqrt(ᾱ_t) x_t − sqrt(1-ᾱ_t) v."""
+    sa, so = _gather(acp, t, xt.ndim)
+    return sa * xt - so * v
+
+
+def sample_timesteps(b: int, f: int, num_train_timesteps: int, per_frame_prob: float = 0.0,
+                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(b, f) training timesteps: shared per clip, or (with ``per_frame_prob``) independent per frame."""
+    shared = torch.randint(0, num_train_timesteps, (b, 1), generator=generator, device=device).expand(b, f)
+    if per_frame_prob <= 0:
+        return shared.contiguous()
+    independent = torch.randint(0, num_train_timesteps, (b, f), generator=generator, device=device)
+    pick = torch.rand(b, 1, generator=generator, device=device) < per_frame_prob
+    return torch.where(pick, independent, shared)
+
+
+def v_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+           acp: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error against the v target; ``frame_mask`` (b, f) restricts it to some frames."""
+    err = (pred.float() - v_target(x0, noise, t, acp)).pow(2).mean(dim=tuple(range(2, x0.ndim)))
+    if frame_mask is None:
+        return err.mean()
+    m = frame_mask.float()
+    return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+def guided(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance with guidance rescale φ (Lin et al. 2024, Alg. 2):
+    v_cfg = v_u + s (v_c − v_u); v = φ · v_cfg · std(v_c)/std(v_cfg) + (1 − φ) · v_cfg."""
+    v = v_uncond + scale * (v_cond - v_uncond)
+    if rescale > 0:
+        dims = tuple(range(1, v.ndim))
+        ratio = v_cond.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True).clamp_min(1e-8)
+        v = rescale * (v * ratio) + (1 - rescale) * v
+    return v

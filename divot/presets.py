@@ -1,0 +1,55 @@
+"""Named model sizes: ``paper`` (DESIGN.md §2–3, published shapes) and ``tiny`` (CPU, minutes).
+
+Presets are plain nested dicts so YAML files and CLI overrides merge into them
+before they become frozen dataclasses (``divot.config.from_dict``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from divot import config as cfglib
+from divot.detokenizer import DetokenizerConfig
+from divot.tokenizer import TokenizerConfig
+
+TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # OpenCLIP ViT-H/14 features (1280-d, 16×16 patches), 64 × 256 tokens.
+    "paper": {},
+    # Same structure, small sizes; the ViT is trained from scratch (no weights offline).
+    "tiny": {
+        "vit": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 4, "embed_dim": 96,
+                "depth": 2, "num_heads": 3, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "frozen": False},
+        "temporal_width": 96, "temporal_depth": 1, "temporal_heads": 3, "hidden_size": 128,
+        "pool_size": 4, "st_depth": 2, "st_heads": 4, "resampler_depth": 2, "resampler_heads": 4,
+        "resampler_dim_head": 32, "num_tokens": 64, "token_dim": 32,
+    },
+}
+
+DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # DynamiCrafter-sized latent U-Net; vae_path must name a local AutoencoderKL directory.
+    "paper": {},
+    "tiny": {
+        "token_dim": 32, "context_tokens": 32, "context_dim": 128, "resampler_depth": 2,
+        "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32, "space": "pixel",
+        "pixel_patch": 4,
+        # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2).
+        "unet": {"in_channels": 48, "out_channels": 48, "block_out_channels": [32, 64, 128],
+                 "attention_levels": [False, True, True], "layers_per_block": 1, "head_channels": 32,
+                 "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2},
+    },
+}
+
+
+def _get(table: dict, name: str, what: str) -> dict[str, Any]:
+    if name not in table:
+        raise ValueError(f"unknown {what} preset {name!r}; available: {sorted(table)}")
+    return copy.deepcopy(table[name])
+
+
+def tokenizer_config(preset: str = "tiny", **overrides) -> TokenizerConfig:
+    return cfglib.from_dict(TokenizerConfig, cfglib.merge(_get(TOKENIZER_PRESETS, preset, "tokenizer"), overrides))
+
+
+def detokenizer_config(preset: str = "tiny", **overrides) -> DetokenizerConfig:
+    return cfglib.from_dict(DetokenizerConfig,
+                            cfglib.merge(_get(DETOKENIZER_PRESETS, preset, "de-tokenizer"), overrides))

@@ -1,0 +1,1 @@
+"""Evaluation scripts and metrics (reconstruction, EgoSchema, generation)."""

@@ -1,0 +1,1 @@
+"""Divot-LLM: a Mistral with LoRA that reads and writes Divot tokens."""

@@ -1,0 +1,132 @@
+"""Tokenizer, resampler, U-Net and de-tokenizer: shapes, release layout, save/load, per-frame time."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from divot import presets
+from divot.autoencoder import VideoAutoencoder
+from divot.detokenizer import DivotDetokenizer
+from divot.modeling import CheckpointError
+from divot.resampler import PerceiverResampler
+from divot.tokenizer import DivotTokenizer
+
+RELEASE = json.loads((Path(__file__).parent / "data" / "divot_release_keys.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return DivotTokenizer(presets.tokenizer_config("tiny")), DivotDetokenizer(presets.detokenizer_config("tiny"))
+
+
+def test_tiny_tokenizer_output_shape_and_frame_selection(tiny):
+    tok, _ = tiny
+    clip16 = torch.rand(2, 16, 3, 32, 32) * 2 - 1
+    out = tok(clip16)
+    assert out.shape == (2, 64, tok.config.token_dim)
+    # A 16-frame clip is read through frames 0, 4, 8, 12, 15 only.
+    assert torch.allclose(out, tok(clip16[:, [0, 4, 8, 12, 15]]), atol=1e-5)
+    changed = clip16.clone()
+    changed[:, 1] = 0  # frame 1 is not among the tokenizer's frames
+    assert torch.allclose(out, tok(changed), atol=1e-5)
+    changed[:, 4] = 0
+    assert not torch.allclose(out, tok(changed), atol=1e-5)
+
+
+def test_paper_tokenizer_matches_release_layout():
+    """Names and shapes of every non-ViT tensor equal the official Divot_tokenizer.bin layout."""
+    tok = DivotTokenizer(presets.tokenizer_config("paper", vit={"depth": 1}))  # ViT depth is irrelevant here
+    own = {k: list(v.shape) for k, v in tok.state_dict().items() if not k.startswith("vit.")}
+    assert own == RELEASE["tokenizer"]
+    assert sum(v.numel() for k, v in tok.state_dict().items() if not k.startswith("vit.")) == 171_635_968
+    assert tok.vit.width == 1280 and tok.vit.grid == (16, 16)
+
+
+def test_paper_detokenizer_resampler_matches_release():
+    cfg = presets.detokenizer_config("paper")
+    r = PerceiverResampler(cfg.token_dim, cfg.context_dim, cfg.context_dim, cfg.context_tokens,
+                           cfg.resampler_depth, cfg.resampler_heads, cfg.resampler_dim_head)
+    own = {"image_proj_model." + k: list(v.shape) for k, v in r.state_dict().items()}
+    assert own == RELEASE["detokenizer.image_proj_model"]
+
+
+def test_paper_tokenizer_forward_shape_small_vit():
+    tok = DivotTokenizer(presets.tokenizer_config("paper", vit={"depth": 1})).eval()
+    with torch.no_grad():
+        out = tok(torch.zeros(1, 5, 3, 256, 256))
+    assert out.shape == (1, 64, 256)
+    assert not any(p.requires_grad for p in tok.vit.parameters())  # frozen by default
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "detokenizer"])
+def test_save_load_round_trip_identical_forward(tiny, tmp_path, which):
+    tok, det = tiny
+    model = tok if which == "tokenizer" else det
+    model.eval()
+    with torch.no_grad():
+        model.null_tokens.normal_() if which == "detokenizer" else None
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    torch.manual_seed(1)
+    if which == "tokenizer":
+        x = torch.rand(2, 5, 3, 32, 32) * 2 - 1
+        assert torch.equal(model(x), loaded(x))
+    else:
+        x, t, z = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
+        assert torch.equal(model(x, t, z), loaded(x, t, z))
+        assert torch.equal(model.null_tokens, loaded.null_tokens)
+
+
+def test_from_pretrained_reports_mismatch(tiny, tmp_path):
+    tok, _ = tiny
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["token_dim"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        DivotTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        DivotTokenizer.from_pretrained(tmp_path / "nothing")
+
+
+def test_unet_time_conditioning_is_per_frame(tiny):
+    _, det = tiny
+    torch.manual_seed(0)
+    for p in det.unet.parameters():  # zero-init output layers would hide any dependence
+        p.data.add_(torch.randn_like(p) * 0.02)
+    det.eval()
+    x, z = torch.randn(1, 16, 48, 8, 8), torch.randn(1, 64, 32)
+    t = torch.full((1, 16), 500)
+    base = det(x, t, z)
+    t2 = t.clone()
+    t2[0, 3] = 10
+    out = det(x, t2, z)
+    assert not torch.allclose(out[:, 3], base[:, 3])
+    # (b,) timesteps mean the same level for every frame.
+    assert torch.allclose(det(x, torch.tensor([500]), z), base, atol=1e-5)
+
+
+def test_decode_shape_and_seeded_determinism(tiny):
+    _, det = tiny
+    z = torch.randn(2, 64, 32)
+    a = det.decode(z, steps=3, generator=torch.Generator().manual_seed(0))
+    b = det.decode(z, steps=3, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 16, 3, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    c = det.decode(z, steps=3, sampler="dpm++", guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    assert c.shape == a.shape and torch.isfinite(c).all()
+
+
+def test_autoencoder_rejects_mismatched_parts(tiny, tmp_path):
+    tok, det = tiny
+    other = DivotDetokenizer(presets.detokenizer_config("tiny", token_dim=16))
+    with pytest.raises(CheckpointError, match="tokens"):
+        VideoAutoencoder(tok, other)
+    VideoAutoencoder(tok, det).save_pretrained(tmp_path)
+    ae = VideoAutoencoder.from_pretrained(tmp_path)
+    assert ae.frame_size == 32
+    with pytest.raises(CheckpointError, match="lacks"):
+        VideoAutoencoder.from_pretrained(tmp_path / "tokenizer")

@@ -1,0 +1,1 @@
+"""Training entry points and the runtime they share (accelerate + DeepSpeed)."""

@@ -1,0 +1,210 @@
+"""Train the Divot tokenizer and its diffusion de-tokenizer (DESIGN.md §2–3).
+
+    accelerate launch training/pretrain_tokenizer.py                 # tiny preset, Shapes world, CPU
+    accelerate launch training/pretrain_tokenizer.py --config my.yaml stage1.lr=3e-4
+    accelerate launch --config_file training/configs/accelerate_8gpu_zero2.yaml \\
+        training/pretrain_tokenizer.py preset=paper data.source=folder data.jsonl=webvid.jsonl \\
+        tokenizer.vit.checkpoint=/weights/open_clip_vit_h14.bin detokenizer.vae_path=/weights/sd-vae
+    ... --resume                                                     # continue after an interruption
+
+Stage 1 trains tokenizer + U-Net end to end; stage 2 freezes the tokenizer and
+fine-tunes the U-Net with 5% condition dropout. The run directory holds
+``config.yaml``, TensorBoard logs (``tb/``), reconstruction previews
+(``samples/step_*.mp4``: input | reconstruction), checkpoints
+(``checkpoints/step_*``) and, at the end, ``tokenizer/`` and ``detokenizer/``
+(``config.json`` + ``model.safetensors``) for ``eval/reconstruction.py``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from divot import config as cfglib
+from divot.data import VideoTextDataset, collate_videos
+from divot.detokenizer import DivotDetokenizer
+from divot.shapes import ShapesVideoDataset
+from divot.tokenizer import DivotTokenizer
+from divot.video_io import side_by_side, to_uint8, write_video
+from training import cli, runtime
+from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, expand_presets,
+                                      param_groups, stage_lambdas, stage_of)
+
+logger = logging.getLogger("pretrain_tokenizer")
+
+
+def build_loader(cfg: TokenizerTrainConfig, rank: int, world: int, start_step: int):
+    size = cfg.detokenizer.frame_size
+    if cfg.data.source == "shapes":
+        # The Shapes world is procedural: index i is a fresh clip, so no epochs or shuffling.
+        ds, shuffle = ShapesVideoDataset("train", size=size, length=10**12, seed=cfg.seed), False
+    elif cfg.data.source == "folder":
+        if not cfg.data.jsonl:
+            raise ValueError("data.source=folder needs data.jsonl=PATH (lines of {\"video\", \"caption\"})")
+        ds = VideoTextDataset(cfg.data.jsonl, cfg.data.video_root, size=size,
+                              num_frames=cfg.detokenizer.num_frames, random_start=cfg.data.random_start,
+                              seed=cfg.seed)
+        shuffle = True
+    else:
+        raise ValueError(f"data.source must be 'shapes' or 'folder', got {cfg.data.source!r}")
+    sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step, shuffle)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler,
+                                       num_workers=cfg.data.num_workers, collate_fn=collate_videos,
+                                       persistent_workers=cfg.data.num_workers > 0)
+
+
+def preview_clips(cfg: TokenizerTrainConfig) -> torch.Tensor:
+    """A fixed batch of held-out clips for the periodic reconstruction previews."""
+    ds = ShapesVideoDataset("val", size=cfg.detokenizer.frame_size, seed=cfg.seed)
+    return torch.stack([ds[i]["video"] for i in range(cfg.sample_clips)])
+
+
+@torch.no_grad()
+def write_preview(model: TokenizerAutoencoder, clips: torch.Tensor, cfg: TokenizerTrainConfig, step: int,
+                  stage: int, accelerator) -> float:
+    """Encode → decode the preview clips; every rank runs it (ZeRO-3 needs all ranks in a forward)."""
+    was_training = model.training
+    model.eval()
+    if stage == 1:
+        model.refresh_null_tokens()  # the tokenizer is still moving in stage 1
+    clips = clips.to(accelerator.device)
+    tokens = model.tokenizer(clips)
+    g = torch.Generator(device=clips.device).manual_seed(cfg.seed)
+    recon = model.detokenizer.decode(tokens, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
+                                     guidance_rescale=cfg.guidance_rescale, sampler=cfg.sampler, generator=g)
+    mse = torch.mean((recon.float() - clips.float()) ** 2 / 4).item()  # images in [0, 1] units
+    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
+    if accelerator.is_main_process:
+        rows = [side_by_side(to_uint8(a.cpu()), to_uint8(b.cpu())) for a, b in zip(clips, recon)]
+        grid = torch.from_numpy(__import__("numpy").concatenate(rows, axis=1))
+        out = Path(cfg.output_dir) / "samples" / f"step_{step:08d}.mp4"
+        write_video(out, grid.numpy(), fps=8.0)
+        logger.info("preview %s (PSNR %.2f dB)", out, psnr)
+    model.train(was_training)
+    return psnr
+
+
+def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
+    """Final ``tokenizer/`` and ``detokenizer/`` directories (complete weights, also under ZeRO-3)."""
+    module, state = runtime.unwrap_for_save(accelerator, model)
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        for name in ("tokenizer", "detokenizer"):
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            getattr(module, name).save_pretrained(out / name, state_dict=part)
+        print(f"saved tokenizer and de-tokenizer to {out}/{{tokenizer,detokenizer}}")
+
+
+def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
+    out = Path(cfg.output_dir)
+    accelerator = runtime.make_accelerator(mixed_precision=cfg.mixed_precision, log_dir=out / "tb",
+                                           micro_batch_size=cfg.batch_size, grad_clip=cfg.grad_clip)
+    runtime.setup_logging(accelerator)
+    runtime.seed_everything(cfg.seed)
+    runtime.log_resolved_config(accelerator, cfglib.to_dict(cfg), out)
+    model = TokenizerAutoencoder(DivotTokenizer(cfg.tokenizer), DivotDetokenizer(cfg.detokenizer))
+    if cfg.gradient_checkpointing:
+        model.detokenizer.unet.enable_gradient_checkpointing()
+    logger.info("tokenizer %.2fM trainable params, de-tokenizer %.2fM", model.tokenizer.num_parameters(True) / 1e6,
+                model.detokenizer.num_parameters(True) / 1e6)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.stage1.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_lambdas(cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
+    state = ckpt.load_latest(accelerator) if resume else None
+    step = int(state["step"]) if state else 0
+    counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_steps": 0}
+    if resume and state is None:
+        logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
+    accelerator.init_trackers("pretrain_tokenizer", config=_flat(cfglib.to_dict(cfg)))
+    loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters)
+    export(model, accelerator, cfg)
+    accelerator.end_training()
+
+
+def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) -> None:
+    raw = accelerator.unwrap_model(model)
+    loader = iter(build_loader(cfg, accelerator.process_index, accelerator.num_processes, step))
+    previews = preview_clips(cfg)
+    total = cfg.total_steps
+    bar = tqdm(total=total, initial=step, desc="tokenizer", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    last_video, t0 = None, time.time()
+    if step >= cfg.stage1.steps:
+        raw.refresh_null_tokens()
+    model.train()
+    while step < total:
+        stage, scfg = stage_of(cfg, step)
+        if step == cfg.stage1.steps:
+            raw.refresh_null_tokens()  # tokenizer frozen from here on: its grey-clip tokens are final
+            logger.info("stage 2: tokenizer frozen, U-Net fine-tuning with %.0f%% condition dropout",
+                        100 * scfg.cond_dropout)
+        batch = next(loader)
+        counters["corrupt"] += batch["num_corrupt"]
+        video = batch["video"]
+        if video is None:  # every clip unreadable: reuse the last batch so all ranks stay in step
+            counters["skipped_steps"] += 1
+            video = last_video
+            if video is None:
+                continue
+        last_video = video
+        loss = model(video.to(accelerator.device), train_tokenizer=stage == 1,
+                     cond_dropout=scfg.cond_dropout, per_frame_prob=cfg.per_frame_prob)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "stage": stage,
+                    "lr/tokenizer": scheduler.get_last_lr()[0], "lr/detokenizer": scheduler.get_last_lr()[1],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                    "data/corrupt_total": counters["corrupt"], "clips_per_s": step and cfg.batch_size
+                    * accelerator.num_processes * cfg.log_every / max(time.time() - t0, 1e-6)}
+            t0 = time.time()
+            accelerator.log(logs, step=step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage)
+        if step % cfg.sample_every == 0 or step == total:
+            psnr = write_preview(raw, previews, cfg, step, stage, accelerator)
+            accelerator.log({"preview/psnr": psnr}, step=step)
+        if step % cfg.save_every == 0 or step == total:
+            ckpt.save(accelerator, step, {"counters": counters, "stage": stage})
+    bar.close()
+    if counters["corrupt"]:
+        logger.warning("skipped %d unreadable videos during training", counters["corrupt"])
+    if cfg.stage2.steps == 0 or step <= cfg.stage1.steps:
+        raw.refresh_null_tokens()  # stage 2 never ran: match the final tokenizer
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = cli.build_parser(__doc__.splitlines()[0], "runs/tokenizer")
+    args, overrides = cli.parse(parser, argv)
+    try:
+        cfg = cli.resolve(TokenizerTrainConfig, args, overrides, expand=expand_presets)
+    except (cfglib.ConfigError, ValueError) as e:
+        sys.exit(f"config error: {e}")
+    if args.print_config:
+        print(__import__("yaml").safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+        return
+    train(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()

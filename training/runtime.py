@@ -1,0 +1,407 @@
+"""Runtime shared by every training script: accelerator, checkpoints, seeding, logging.
+
+Typical use (the same code runs single-process, under DDP and under DeepSpeed ZeRO-2/3)::
+
+    accelerator = make_accelerator(log_dir=out / "tb", micro_batch_size=cfg.batch_size,
+                                   grad_clip=cfg.grad_clip)
+    setup_logging(accelerator)
+    seed_everything(cfg.seed)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ckpt = CheckpointManager(out, keep_last=2)
+    state = ckpt.load_latest(accelerator) or {"step": 0}
+    ...
+    ckpt.save(accelerator, step, {"data_position": pos, "config": cfg_dict})
+
+Rules the scripts must follow (all enforced by how DeepSpeed and accelerate work):
+
+- Call ``lr_scheduler.step()`` once per *optimizer* step (``accelerator.sync_gradients``).
+  The accelerator is built with ``step_scheduler_with_optimizer=False`` so a schedule
+  counts optimizer steps whatever the number of processes (accelerate's default steps
+  it ``num_processes`` times per call).
+- Call ``accelerator.clip_grad_norm_(params, grad_clip)``: a real clip without
+  DeepSpeed; under DeepSpeed the engine clips (``gradient_clipping`` in its config,
+  filled from ``grad_clip`` here) and the call only returns the global norm.
+- Every rank calls ``CheckpointManager.save``/``load`` and ``unwrap_for_save``: they
+  contain collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# --------------------------------------------------------------------------- accelerator
+
+
+def _launched_distributed() -> bool:
+    # torchrun / accelerate launch export these; a plain `python script.py` does not.
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_accelerator(
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int = 1,
+    log_dir: str | os.PathLike | None = None,
+    cpu: bool | None = None,
+    micro_batch_size: int | None = None,
+    grad_clip: float | None = None,
+    timeout_s: int = 1800,
+) -> Accelerator:
+    """Build the Accelerator every training script uses.
+
+    mixed_precision: None takes the launcher's value (``accelerate launch`` config,
+        ``--mixed_precision``), "no" otherwise; an explicit value overrides the launcher.
+    gradient_accumulation_steps: used unless the launcher or a DeepSpeed config sets an
+        integer (DeepSpeed's wins); read the effective value back from
+        ``accelerator.gradient_accumulation_steps``.
+    log_dir: enables tensorboard tracking into this directory (call
+        ``accelerator.init_trackers(name, config=flat_dict)`` afterwards).
+    cpu: True forces CPU; None leaves it to the launcher. Note that accelerate turns
+        DeepSpeed *off* when ``cpu``/``use_cpu`` is set, so DeepSpeed-on-CPU runs leave it
+        unset and rely on the gloo backend chosen here.
+    micro_batch_size / grad_clip: fill DeepSpeed ``"auto"`` entries (see
+        :func:`resolve_deepspeed_auto`); ignored without DeepSpeed.
+    """
+    handler = {"timeout": datetime.timedelta(seconds=timeout_s)}
+    if _launched_distributed() and (cpu or not torch.cuda.is_available()):
+        # Without this, accelerate leaves the backend unset on a CUDA-less machine and
+        # concludes world size 1 while DeepSpeed initialised gloo with world size N.
+        handler["backend"] = "gloo"
+    kwargs = dict(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=[InitProcessGroupKwargs(**handler)],
+        step_scheduler_with_optimizer=False,
+    )
+    if cpu is not None:
+        kwargs["cpu"] = cpu
+    if log_dir is not None:
+        if _has_tensorboard():
+            kwargs.update(log_with="tensorboard", project_dir=str(log_dir))
+        else:
+            logger.warning("tensorboard is not installed: metrics will not be logged")
+    accelerator = Accelerator(**kwargs)
+    if accelerator.state.deepspeed_plugin is not None:
+        resolve_deepspeed_auto(accelerator, gradient_accumulation_steps, micro_batch_size, grad_clip)
+    return accelerator
+
+
+def resolve_deepspeed_auto(
+    accelerator: Accelerator,
+    gradient_accumulation_steps: int = 1,
+    micro_batch_size: int | None = None,
+    grad_clip: float | None = None,
+) -> dict:
+    """Fill the DeepSpeed config's "auto" entries that accelerate cannot fill itself.
+
+    accelerate derives ``train_micro_batch_size_per_gpu`` only from a DataLoader passed to
+    the same ``prepare`` call as the model (it raises otherwise), and replaces an "auto"
+    ``gradient_clipping`` with a hard-coded 1.0. Setting them here, before ``prepare``,
+    makes the training script's config the single source of truth. ``train_batch_size``
+    stays "auto": ``prepare`` computes micro x accumulation x world size.
+    Returns the (mutated) DeepSpeed config dict.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    cfg = plugin.deepspeed_config
+    ds_gas = cfg.get("gradient_accumulation_steps", "auto")
+    if ds_gas == "auto":
+        cfg["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+    elif int(ds_gas) != accelerator.gradient_accumulation_steps:
+        logger.info("gradient accumulation: DeepSpeed config says %s (requested %s); using it",
+                    ds_gas, gradient_accumulation_steps)
+        accelerator.gradient_accumulation_steps = int(ds_gas)
+    if micro_batch_size is not None:
+        ds_mbs = cfg.get("train_micro_batch_size_per_gpu", "auto")
+        if ds_mbs == "auto":
+            cfg["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+        elif int(ds_mbs) != int(micro_batch_size):
+            logger.warning("DeepSpeed train_micro_batch_size_per_gpu=%s but the data loader yields %s",
+                           ds_mbs, micro_batch_size)
+    if grad_clip is not None and cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = float(grad_clip)
+        plugin.gradient_clipping = float(grad_clip)
+    return cfg
+
+
+def runtime_summary(accelerator: Accelerator) -> dict:
+    """What the launcher actually gave us, for the logs and ``runtime.yaml``."""
+    summary = {
+        "distributed_type": str(accelerator.distributed_type),
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "torch": str(torch.__version__),
+    }
+    if accelerator.state.deepspeed_plugin is not None:
+        summary["deepspeed_config"] = _plain(accelerator.state.deepspeed_plugin.deepspeed_config)
+    return summary
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    # write-then-rename: a reader sees the old file or the new one, never half of one
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse directory fsync; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Crash-safe training checkpoints under ``output_dir/checkpoints/step_00000123/``.
+
+    A checkpoint is ``accelerator.save_state`` (models, optimizers, schedulers, RNG states
+    of every process, DeepSpeed shards) plus ``trainer_state.json`` (``extra``). It is
+    written into ``step_X.tmp`` and renamed into place only when complete, then the
+    ``latest`` pointer file is replaced atomically. A killed run leaves at worst a
+    ``.tmp`` directory, which is never loaded. Multi-node runs need ``output_dir`` on a
+    filesystem shared by all nodes (every rank writes its own DeepSpeed shard).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int | None = 2):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{int(step):08d}"
+
+    def save(self, accelerator: Accelerator, step: int, extra: dict | None = None) -> Path:
+        """Save on all ranks (collective); returns the final checkpoint directory."""
+        final = self.step_dir(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()  # no rank writes into a tmp dir being cleared
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every shard is on disk before the rename
+        if accelerator.is_main_process:
+            state = {"step": int(step), **(extra or {})}
+            _atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2, default=str))
+            self._publish(tmp, final)
+            _atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
+            _fsync_dir(self.root)
+            self._prune(keep=final)
+            logger.info("saved checkpoint %s", final)
+        accelerator.wait_for_everyone()  # nobody goes on (or reads `latest`) before it is published
+        return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        if final.exists():  # the same step saved twice (e.g. right after a resume)
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for d in self.root.iterdir():
+            m = _STEP_RE.match(d.name)
+            if m and d.is_dir() and (d / STATE_FILE).is_file():
+                found.append((int(m.group(1)), d))
+        return [d for _, d in sorted(found)]
+
+    def _prune(self, keep: Path) -> None:
+        if not self.keep_last or self.keep_last <= 0:
+            return
+        for d in self.checkpoints()[: -self.keep_last]:
+            if d != keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def remove_stale(self) -> None:
+        """Delete ``.tmp``/``.old`` leftovers of a killed run. Only while no save runs."""
+        if not self.root.is_dir():
+            return
+        for d in self.root.iterdir():
+            if d.is_dir() and d.name.startswith("step_") and d.suffix in (".tmp", ".old"):
+                logger.warning("removing incomplete checkpoint %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+
+    def latest(self, accelerator: Accelerator | None = None) -> Path | None:
+        """The newest complete checkpoint, or None. Call before training (no save in flight).
+
+        With an accelerator, only its main process deletes stale ``.tmp`` dirs.
+        """
+        if accelerator is None or accelerator.is_main_process:
+            self.remove_stale()
+        pointer = self.root / LATEST_FILE
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if _STEP_RE.match(named.name) and (named / STATE_FILE).is_file():
+                return named
+        complete = self.checkpoints()
+        return complete[-1] if complete else None
+
+    def load(self, accelerator: Accelerator, path: str | os.PathLike) -> dict:
+        """Restore everything ``save`` wrote (collective); returns its ``extra`` dict."""
+        path = Path(path)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+        accelerator.load_state(str(path))
+        relink_schedulers(accelerator)
+        logger.info("resumed from %s", path)
+        return json.loads(state_file.read_text())
+
+    def load_latest(self, accelerator: Accelerator) -> dict | None:
+        """``load(latest())`` or None when there is nothing to resume from."""
+        path = self.latest(accelerator)
+        accelerator.wait_for_everyone()  # stale-dir cleanup done before anyone reads
+        return None if path is None else self.load(accelerator, path)
+
+
+def stepping_optimizer(opt):
+    """The innermost torch Optimizer under accelerate/DeepSpeed wrappers (the one that steps)."""
+    found = opt if isinstance(opt, torch.optim.Optimizer) else None
+    while hasattr(opt, "optimizer") and opt.optimizer is not opt:
+        opt = opt.optimizer
+        if isinstance(opt, torch.optim.Optimizer):
+            found = opt
+    return found
+
+
+def relink_schedulers(accelerator: Accelerator) -> int:
+    """Point every prepared LR scheduler at the optimizer that really steps; returns how many moved.
+
+    With ZeRO optimizer offload accelerate replaces the torch optimizer by DeepSpeed's CPU
+    Adam, which shares the torch optimizer's param-group dicts -- until a checkpoint is
+    loaded: ``load_state_dict`` installs new dicts, and from then on the scheduler writes
+    its learning rates into the orphaned torch optimizer while training silently keeps
+    the LR of the save step. Called by ``CheckpointManager.load``; a no-op otherwise.
+    """
+    moved = 0
+    for sched in getattr(accelerator, "_schedulers", []):  # accelerate keeps no public list
+        inner = getattr(sched, "scheduler", None)
+        opts = getattr(sched, "optimizers", None) or []
+        if inner is None or len(opts) != 1:
+            continue
+        target = stepping_optimizer(opts[0])
+        if target is not None and inner.optimizer is not target:
+            inner.optimizer = target
+            moved += 1
+    return moved
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def seed_everything(seed: int, device_specific: bool = False) -> None:
+    """Seed Python, numpy and torch (all devices). ``device_specific`` adds the rank."""
+    set_seed(int(seed), device_specific=device_specific)
+
+
+def setup_logging(accelerator: Accelerator, level: int = logging.INFO) -> None:
+    """INFO on the main process, WARNING elsewhere, with time and rank in every line."""
+    main = accelerator.is_main_process
+    logging.basicConfig(
+        level=level if main else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank{accelerator.process_index}] %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+    if not main:
+        # DeepSpeed's logger has its own handler and does not propagate
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _plain(obj):
+    """Turn a config into YAML/JSON-safe builtins (paths, tuples, enums, dataclasses)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return _plain(obj.value)
+    if obj is None:
+        return None
+    for kind in (bool, int, float, str):  # subclasses (TorchVersion, IntFlag) -> the builtin
+        if isinstance(obj, kind):
+            return kind(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()  # numpy / torch scalars
+    return str(obj)
+
+
+def log_resolved_config(accelerator: Accelerator, cfg_dict, output_dir: str | os.PathLike) -> Path:
+    """Write ``output_dir/config.yaml`` (+ ``runtime.yaml``) from the main process and log it."""
+    out = Path(output_dir)
+    text = yaml.safe_dump(_plain(cfg_dict), sort_keys=False)
+    runtime = yaml.safe_dump(_plain(runtime_summary(accelerator)), sort_keys=False)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "config.yaml", text)
+        _atomic_write_text(out / "runtime.yaml", runtime)
+    logger.info("resolved config:\n%s", text)
+    logger.info("runtime:\n%s", runtime)
+    return out / "config.yaml"
+
+
+def unwrap_for_save(accelerator: Accelerator, model) -> tuple[torch.nn.Module, dict]:
+    """The plain module and its *complete* state dict, for exporting weights.
+
+    Collective: every rank must call it. Without DeepSpeed or under ZeRO-1/2 the dict is
+    the unwrapped module's own state dict. Under ZeRO-3 each rank holds only a shard of
+    every parameter (the module's own ``state_dict()`` has empty tensors), so the dict
+    comes from ``accelerator.get_state_dict``, which gathers the full weights on the main
+    process -- this requires ``zero3_save_16bit_model: true`` /
+    ``stage3_gather_16bit_weights_on_model_save: true``, else accelerate raises. Other
+    ranks get an empty dict, so save from the main process only, e.g.
+    ``module.save_pretrained(d, state_dict=sd)`` or ``torch.save(sd, f)``.
+    """
+    module = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model, unwrap=True)
+    return module, (state_dict or {})

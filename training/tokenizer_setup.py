@@ -1,0 +1,191 @@
+"""Pieces of tokenizer training: run config, the joint model, the two-stage schedule, data.
+
+Paper recipe (DESIGN.md §3, appendix): stage 1 trains tokenizer (not a frozen
+ViT) and U-Net end to end with the v-prediction loss and no condition dropout;
+stage 2 freezes the tokenizer and fine-tunes the U-Net with 5% condition dropout
+so that classifier-free guidance works. Both stages run in one process with one
+optimizer: the tokenizer's parameter group gets learning rate 0 in stage 2,
+which freezes it exactly (AdamW's step and decay are both scaled by the rate)
+and keeps the DeepSpeed engine unchanged between stages.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from divot import presets
+from divot.detokenizer import DetokenizerConfig, DivotDetokenizer
+from divot.tokenizer import DivotTokenizer, TokenizerConfig
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    lr: float
+    warmup_steps: int = 50
+    cond_dropout: float = 0.0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"  # "shapes" (built-in world) | "folder" ({video, caption} jsonl)
+    jsonl: str | None = None
+    video_root: str | None = None
+    num_workers: int = 0
+    random_start: bool = True
+
+
+@dataclass(frozen=True)
+class TokenizerTrainConfig:
+    preset: str = "tiny"
+    output_dir: str = "runs/tokenizer"
+    seed: int = 0
+    batch_size: int = 8  # per process
+    max_steps: int | None = None  # cap on stage1 + stage2 optimizer steps (tests, smoke runs)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=1400, lr=1e-3, warmup_steps=50))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-4, warmup_steps=20,
+                                                                    cond_dropout=0.05))
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    mixed_precision: str | None = None
+    per_frame_prob: float = 0.0  # share of clips with independent per-frame noise levels
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    sample_every: int = 400
+    sample_clips: int = 4
+    sample_steps: int = 25
+    sampler: str = "ddim"
+    guidance_scale: float = 3.0
+    guidance_rescale: float = 0.7
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    detokenizer: DetokenizerConfig = field(default_factory=DetokenizerConfig)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.stage1.steps + self.stage2.steps
+        return total if self.max_steps is None else min(total, self.max_steps)
+
+
+PAPER_OVERRIDES: dict[str, Any] = {
+    # Published setting (DESIGN.md §3/§4): lr 1e-4, guidance 7.5 with rescale 0.7.
+    "batch_size": 4, "stage1": {"steps": 100_000, "lr": 1e-4, "warmup_steps": 500},
+    "stage2": {"steps": 50_000, "lr": 1e-4, "warmup_steps": 500, "cond_dropout": 0.05},
+    "guidance_scale": 7.5, "sample_steps": 50, "mixed_precision": "bf16", "weight_decay": 0.05,
+    "sample_every": 2000, "save_every": 2000,
+}
+
+
+def expand_presets(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``tokenizer``/``detokenizer`` (and paper run settings) from ``preset``, user keys winning."""
+    from divot import config as cfglib
+    preset = data.get("preset", "tiny")
+    out = cfglib.merge(PAPER_OVERRIDES, data) if preset == "paper" else dict(data)
+    out["tokenizer"] = cfglib.to_dict(presets.tokenizer_config(preset, **data.get("tokenizer", {})))
+    out["detokenizer"] = cfglib.to_dict(presets.detokenizer_config(preset, **data.get("detokenizer", {})))
+    return out
+
+
+class TokenizerAutoencoder(nn.Module):
+    """Tokenizer + de-tokenizer as one trainable module (one DeepSpeed engine for both stages)."""
+
+    def __init__(self, tokenizer: DivotTokenizer, detokenizer: DivotDetokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.detokenizer = detokenizer
+
+    def forward(self, video: torch.Tensor, train_tokenizer: bool = True, cond_dropout: float = 0.0,
+                per_frame_prob: float = 0.0) -> torch.Tensor:
+        with torch.set_grad_enabled(train_tokenizer and torch.is_grad_enabled()):
+            tokens = self.tokenizer(video)
+        return self.detokenizer.training_loss(video, tokens, cond_dropout=cond_dropout,
+                                               per_frame_prob=per_frame_prob)
+
+    @torch.no_grad()
+    def refresh_null_tokens(self) -> None:
+        """Unconditional input for guidance = the tokens of an all-grey (zero) clip (DESIGN.md §3)."""
+        cfg = self.detokenizer.config
+        ref = next(self.detokenizer.parameters())
+        grey = torch.zeros(1, self.tokenizer.config.num_frames, 3, cfg.frame_size, cfg.frame_size,
+                           device=ref.device, dtype=ref.dtype)
+        self.detokenizer.null_tokens.copy_(self.tokenizer(grey).to(self.detokenizer.null_tokens.dtype))
+
+
+def param_groups(model: TokenizerAutoencoder, weight_decay: float) -> list[dict]:
+    """Two groups, tokenizer first, so the schedule can freeze it in stage 2."""
+    groups = []
+    for part in (model.tokenizer, model.detokenizer):
+        params = [p for p in part.parameters() if p.requires_grad]
+        groups.append({"params": params, "weight_decay": weight_decay})
+    return groups
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def stage_lambdas(cfg: TokenizerTrainConfig) -> list:
+    """LR multipliers (relative to stage1.lr) for [tokenizer group, de-tokenizer group]."""
+    s1, s2 = cfg.stage1, cfg.stage2
+
+    def tokenizer_lr(step: int) -> float:
+        return _warmup_cosine(step, s1.warmup_steps, s1.steps, s1.min_lr_ratio) if step < s1.steps else 0.0
+
+    def detokenizer_lr(step: int) -> float:
+        if step < s1.steps:
+            return tokenizer_lr(step)
+        scale = s2.lr / s1.lr
+        return scale * _warmup_cosine(step - s1.steps, s2.warmup_steps, s2.steps, s2.min_lr_ratio)
+
+    return [tokenizer_lr, detokenizer_lr]
+
+
+def stage_of(cfg: TokenizerTrainConfig, step: int) -> tuple[int, StageConfig]:
+    return (1, cfg.stage1) if step < cfg.stage1.steps else (2, cfg.stage2)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields dataset indices as a pure function of the global step, so a resumed run reads
+    exactly the clips the interrupted run would have read next (rule 5).
+
+    Process ``rank`` of ``world`` takes the slice ``[(s·world + rank)·B, … + B)`` of an
+    epoch-wise seeded permutation; the built-in Shapes world is effectively infinite, so its
+    index is used directly.
+    """
+
+    def __init__(self, length: int, batch_size: int, rank: int, world: int, seed: int,
+                 start_step: int = 0, shuffle: bool = True):
+        self.length, self.b, self.rank, self.world = length, batch_size, rank, world
+        self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _index(self, flat: int) -> int:
+        epoch, pos = divmod(flat, self.length)
+        if not self.shuffle:
+            return pos
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.length, generator=g))
+        return int(self._perm[1][pos])
+
+    def __iter__(self) -> Iterator[int]:
+        step = self.start_step
+        while True:
+            base = (step * self.world + self.rank) * self.b
+            for i in range(self.b):
+                yield self._index(base + i)
+            step += 1
+
+    def __len__(self) -> int:  # infinite stream; DataLoader only needs a number
+        return 2 ** 62
