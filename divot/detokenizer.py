@@ -17,6 +17,7 @@ Axes: b = batch, f = frames, c = channels, h, w = height, width, n = tokens, d =
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -148,6 +149,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         shape = (b, f, cfg.x_channels, cfg.x_size, cfg.x_size)
         x = torch.randn(shape, generator=generator, device=tokens.device) * sched.init_noise_sigma
         cond = self.context(tokens)
+        # Stochastic samplers take the generator; deterministic ones (UniPC) have no such argument.
+        step_kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
         use_cfg = guidance_scale != 1.0
         if use_cfg:
             uncond = self.context(self.null_tokens.to(tokens.dtype).expand_as(tokens))
@@ -160,7 +163,7 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             if use_cfg:
                 v_c, v_u = v.chunk(2)
                 v = diffusion.guided(v_c, v_u, guidance_scale, guidance_rescale)
-            x = sched.step(v, t, x, generator=generator).prev_sample
+            x = sched.step(v, t, x, **step_kw).prev_sample
             if callback is not None:
                 callback(i + 1, steps)
         return self.from_x(x)

@@ -46,7 +46,7 @@ def make_sampler(cfg: NoiseConfig, kind: str = "ddim"):
     kw = dict(_common_kwargs(cfg), timestep_spacing="trailing")
     zsnr = cfg.rescale_zero_terminal_snr
     if kind == "ddim":
-        return DDIMScheduler(**kw, rescale_betas_zero_snr=zsnr, clip_sample=False, set_alpha_to_one=False)
+        return DDIMScheduler(**kw, rescale_betas_zero_snr=zsnr, clip_sample=False, set_alpha_to_one=True)
     if kind == "dpm++":
         # final_sigmas_type="zero" keeps the last step deterministic; with zero SNR the
         # first sigma is infinite, which DPM-Solver handles only via rescale support.

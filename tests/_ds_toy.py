@@ -1,10 +1,10 @@
 """Tiny multi-process training run used by tests/test_runtime.py (launched with accelerate).
 
     accelerate launch --config_file training/configs/accelerate_cpu_zero2.yaml \
-        tests/_ds_toy.py OUTDIR [--steps 8] [--save-every 4] [--resume-step 4] [--tag full]
+        tests/_ds_toy.py OUTDIR [--steps 8] [--save-every 4] [--resume-step 4] [--tag full] [--accum 2]
 
 Trains a small MLP (with dropout, so the RNG state matters) for ``--steps`` optimizer
-steps of 2 accumulated micro-batches, saving a checkpoint every ``--save-every`` steps.
+steps of ``--accum`` accumulated micro-batches, saving a checkpoint every ``--save-every`` steps.
 With ``--resume-step`` it first loads that checkpoint. The main process writes
 ``OUTDIR/result_<tag>.json``: per-step losses and learning rates, and a checksum of the
 full (gathered) weights, so the test can compare an interrupted run with a straight one.
@@ -26,6 +26,7 @@ from training.runtime import (
     CheckpointManager,
     log_resolved_config,
     make_accelerator,
+    model_input_dtype,
     seed_everything,
     setup_logging,
     stepping_optimizer,
@@ -54,7 +55,8 @@ def eval_loss(accelerator, model) -> float:
     x, y = batch_for(-1, 0, 0)
     model.eval()
     with torch.no_grad():
-        loss = nn.functional.mse_loss(model(x.to(accelerator.device)), y.to(accelerator.device))
+        x = x.to(accelerator.device, dtype=model_input_dtype(accelerator))
+        loss = nn.functional.mse_loss(model(x).float(), y.to(accelerator.device))
     model.train()
     return loss.item()
 
@@ -98,9 +100,9 @@ def main() -> int:
     while step < args.steps:
         for micro in range(args.accum):
             x, y = batch_for(step, micro, accelerator.process_index)
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            x, y = x.to(accelerator.device, dtype=model_input_dtype(accelerator)), y.to(accelerator.device)
             with accelerator.accumulate(model):
-                loss = nn.functional.mse_loss(model(x), y)
+                loss = nn.functional.mse_loss(model(x).float(), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norms[step + 1] = _as_float(accelerator.clip_grad_norm_(model.parameters(), GRAD_CLIP))

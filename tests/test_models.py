@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from divot import presets
 from divot.autoencoder import VideoAutoencoder
@@ -130,3 +131,52 @@ def test_autoencoder_rejects_mismatched_parts(tiny, tmp_path):
     assert ae.frame_size == 32
     with pytest.raises(CheckpointError, match="lacks"):
         VideoAutoencoder.from_pretrained(tmp_path / "tokenizer")
+
+
+def test_latent_space_detokenizer_with_local_vae(tmp_path):
+    """``paper``-style latent diffusion: a (tiny, random) diffusers AutoencoderKL from a local directory."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = presets.detokenizer_config(
+        "tiny", space="latent", vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16,
+        unet={"in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+              "attention_levels": [False, True], "norm_num_groups": 4})
+    det = DivotDetokenizer(cfg)
+    video = torch.rand(1, 16, 3, 16, 16) * 2 - 1
+    assert det.to_x(video).shape == (1, 16, 4, 8, 8)
+    loss = det.training_loss(video, torch.randn(1, 64, 32))
+    loss.backward()
+    assert all(p.grad is None for p in det.vae.parameters())  # frozen
+    out = det.decode(torch.randn(1, 64, 32), steps=2, guidance_scale=1.0)
+    assert out.shape == (1, 16, 3, 16, 16)
+    det.save_pretrained(tmp_path / "det")  # VAE weights stay in their own directory
+    assert not any(k.startswith("vae.") for k in load_file(str(tmp_path / "det" / "model.safetensors")))
+    again = DivotDetokenizer.from_pretrained(tmp_path / "det")
+    assert torch.equal(again.unet.conv_in.weight, det.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler"])
+def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler):
+    """If the U-Net predicted the exact v of a target clip, every sampler must land on that clip."""
+    _, det = tiny
+    target = torch.rand(1, 16, 3, 32, 32) * 2 - 1
+    x0 = det.to_x(target)
+    acp = det.alphas_cumprod
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t, context):
+            a = acp[t].view(*t.shape, 1, 1, 1)
+            # v such that sqrt(a)·x_t − sqrt(1−a)·v = x0, with a clamp at the zero-SNR end
+            return (a.sqrt() * x_t - x0.expand_as(x_t)) / (1 - a).sqrt().clamp_min(1e-4)
+
+    real = det.unet
+    det.unet = Oracle()
+    try:
+        out = det.decode(torch.randn(1, 64, 32), steps=10, sampler=sampler, guidance_scale=2.0,
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        det.unet = real
+    assert torch.allclose(out, target, atol=2e-2), (out - target).abs().max()

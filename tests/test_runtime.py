@@ -2,7 +2,8 @@
 
 Fast tests run single-process on CPU. The ``slow`` ones launch tests/_ds_toy.py with
 ``accelerate launch`` on 2 CPU processes under DeepSpeed ZeRO-2 (CPU optimizer offload)
-and ZeRO-3 -- the way the real training scripts are launched on a GPU-less machine.
+and ZeRO-3 -- the way the real training scripts are launched on a GPU-less machine --
+and run the 8-GPU config files the same way, shrunk to 2 processes.
 """
 
 from __future__ import annotations
@@ -230,7 +231,13 @@ def _launch(config: str, outdir: Path, *extra: str) -> tuple[subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["accelerate_cpu_zero2.yaml", "accelerate_cpu_zero3.yaml"])
+@pytest.mark.parametrize("config", [
+    "accelerate_cpu_zero2.yaml",  # fp32, CPU-Adam offload
+    "accelerate_cpu_zero3.yaml",  # fp32
+    # the cluster files themselves (their json, bf16), shrunk to 2 CPU processes
+    "accelerate_8gpu_zero2.yaml",
+    "accelerate_8gpu_zero3.yaml",
+])
 def test_deepspeed_two_process_train_save_resume(tmp_path, config):
     pytest.importorskip("deepspeed")
     full, t_full = _launch(config, tmp_path)

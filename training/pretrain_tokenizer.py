@@ -102,6 +102,7 @@ def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
 def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     out = Path(cfg.output_dir)
     accelerator = runtime.make_accelerator(mixed_precision=cfg.mixed_precision, log_dir=out / "tb",
+                                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                            micro_batch_size=cfg.batch_size, grad_clip=cfg.grad_clip)
     runtime.setup_logging(accelerator)
     runtime.seed_everything(cfg.seed)
@@ -117,7 +118,7 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
     state = ckpt.load_latest(accelerator) if resume else None
     step = int(state["step"]) if state else 0
-    counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_steps": 0}
+    counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     if resume and state is None:
         logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
     accelerator.init_trackers("pretrain_tokenizer", config=_flat(cfglib.to_dict(cfg)))
@@ -126,14 +127,45 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     accelerator.end_training()
 
 
+def next_video(loader, counters: dict, cache: dict):
+    """The next batch's clips; an all-corrupt batch reuses the previous one so ranks stay in step."""
+    while True:
+        batch = next(loader)
+        counters["corrupt"] += batch["num_corrupt"]
+        if batch["video"] is not None:
+            cache["video"] = batch["video"]
+            return batch["video"]
+        counters["skipped_batches"] = counters.get("skipped_batches", 0) + 1
+        if cache.get("video") is not None:
+            return cache["video"]
+
+
+def optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters, cache, stage, scfg):
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+    dtype = runtime.model_input_dtype(accelerator)
+    losses, grad_norm = [], None
+    for _ in range(accelerator.gradient_accumulation_steps):
+        video = next_video(loader, counters, cache).to(accelerator.device, dtype)
+        with accelerator.accumulate(model):
+            loss = model(video, train_tokenizer=stage == 1, cond_dropout=scfg.cond_dropout,
+                         per_frame_prob=cfg.per_frame_prob)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float())
+    scheduler.step()  # once per optimizer step (the accelerator does not step it)
+    return torch.stack(losses).mean(), grad_norm
+
+
 def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) -> None:
     raw = accelerator.unwrap_model(model)
-    loader = iter(build_loader(cfg, accelerator.process_index, accelerator.num_processes, step))
-    previews = preview_clips(cfg)
-    total = cfg.total_steps
+    gas = accelerator.gradient_accumulation_steps
+    loader = iter(build_loader(cfg, accelerator.process_index, accelerator.num_processes, step * gas))
+    previews, total, cache, t0 = preview_clips(cfg), cfg.total_steps, {}, time.time()
     bar = tqdm(total=total, initial=step, desc="tokenizer", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
-    last_video, t0 = None, time.time()
     if step >= cfg.stage1.steps:
         raw.refresh_null_tokens()
     model.train()
@@ -143,36 +175,21 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
             raw.refresh_null_tokens()  # tokenizer frozen from here on: its grey-clip tokens are final
             logger.info("stage 2: tokenizer frozen, U-Net fine-tuning with %.0f%% condition dropout",
                         100 * scfg.cond_dropout)
-        batch = next(loader)
-        counters["corrupt"] += batch["num_corrupt"]
-        video = batch["video"]
-        if video is None:  # every clip unreadable: reuse the last batch so all ranks stay in step
-            counters["skipped_steps"] += 1
-            video = last_video
-            if video is None:
-                continue
-        last_video = video
-        loss = model(video.to(accelerator.device), train_tokenizer=stage == 1,
-                     cond_dropout=scfg.cond_dropout, per_frame_prob=cfg.per_frame_prob)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters,
+                                         cache, stage, scfg)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "stage": stage,
-                    "lr/tokenizer": scheduler.get_last_lr()[0], "lr/detokenizer": scheduler.get_last_lr()[1],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                    "data/corrupt_total": counters["corrupt"], "clips_per_s": step and cfg.batch_size
-                    * accelerator.num_processes * cfg.log_every / max(time.time() - t0, 1e-6)}
+            lrs = scheduler.get_last_lr()
+            clips = cfg.batch_size * gas * accelerator.num_processes * cfg.log_every
+            logs = {"loss": accelerator.reduce(loss, "mean").item(), "stage": stage, "lr/tokenizer": lrs[0],
+                    "lr/detokenizer": lrs[1], "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                    "data/corrupt_total": counters["corrupt"], "clips_per_s": clips / max(time.time() - t0, 1e-6)}
             t0 = time.time()
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage)
         if step % cfg.sample_every == 0 or step == total:
-            psnr = write_preview(raw, previews, cfg, step, stage, accelerator)
-            accelerator.log({"preview/psnr": psnr}, step=step)
+            accelerator.log({"preview/psnr": write_preview(raw, previews, cfg, step, stage, accelerator)}, step=step)
         if step % cfg.save_every == 0 or step == total:
             ckpt.save(accelerator, step, {"counters": counters, "stage": stage})
     bar.close()

@@ -12,17 +12,17 @@ Typical use (the same code runs single-process, under DDP and under DeepSpeed Ze
     ...
     ckpt.save(accelerator, step, {"data_position": pos, "config": cfg_dict})
 
-Rules the scripts must follow (all enforced by how DeepSpeed and accelerate work):
+Rules for the scripts (they follow from how DeepSpeed and accelerate work):
 
-- Call ``lr_scheduler.step()`` once per *optimizer* step (``accelerator.sync_gradients``).
-  The accelerator is built with ``step_scheduler_with_optimizer=False`` so a schedule
-  counts optimizer steps whatever the number of processes (accelerate's default steps
-  it ``num_processes`` times per call).
-- Call ``accelerator.clip_grad_norm_(params, grad_clip)``: a real clip without
-  DeepSpeed; under DeepSpeed the engine clips (``gradient_clipping`` in its config,
-  filled from ``grad_clip`` here) and the call only returns the global norm.
-- Every rank calls ``CheckpointManager.save``/``load`` and ``unwrap_for_save``: they
-  contain collectives.
+- ``lr_scheduler.step()`` once per *optimizer* step: the accelerator is built with
+  ``step_scheduler_with_optimizer=False``, so schedules count optimizer steps whatever
+  the world size (accelerate's default steps them ``num_processes`` times per call).
+- ``accelerator.clip_grad_norm_(params, grad_clip)`` clips without DeepSpeed; under
+  DeepSpeed the engine clips (``gradient_clipping``, filled from ``grad_clip``) and the
+  call only returns the global norm.
+- DeepSpeed drives one engine per Accelerator: put everything trained into one module.
+- Under DeepSpeed bf16 cast float inputs to :func:`model_input_dtype` (no autocast).
+- Every rank calls ``CheckpointManager.save``/``load`` and ``unwrap_for_save``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import importlib.util
 import json
 import logging
 import os
@@ -55,14 +56,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 def _launched_distributed() -> bool:
     # torchrun / accelerate launch export these; a plain `python script.py` does not.
     return int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_accelerator(
@@ -103,21 +96,18 @@ def make_accelerator(
     if cpu is not None:
         kwargs["cpu"] = cpu
     if log_dir is not None:
-        if _has_tensorboard():
+        if importlib.util.find_spec("tensorboard") is not None:
             kwargs.update(log_with="tensorboard", project_dir=str(log_dir))
         else:
             logger.warning("tensorboard is not installed: metrics will not be logged")
     accelerator = Accelerator(**kwargs)
     if accelerator.state.deepspeed_plugin is not None:
-        resolve_deepspeed_auto(accelerator, gradient_accumulation_steps, micro_batch_size, grad_clip)
+        resolve_deepspeed_auto(accelerator, micro_batch_size, grad_clip)
     return accelerator
 
 
 def resolve_deepspeed_auto(
-    accelerator: Accelerator,
-    gradient_accumulation_steps: int = 1,
-    micro_batch_size: int | None = None,
-    grad_clip: float | None = None,
+    accelerator: Accelerator, micro_batch_size: int | None = None, grad_clip: float | None = None
 ) -> dict:
     """Fill the DeepSpeed config's "auto" entries that accelerate cannot fill itself.
 
@@ -125,8 +115,9 @@ def resolve_deepspeed_auto(
     the same ``prepare`` call as the model (it raises otherwise), and replaces an "auto"
     ``gradient_clipping`` with a hard-coded 1.0. Setting them here, before ``prepare``,
     makes the training script's config the single source of truth. ``train_batch_size``
-    stays "auto": ``prepare`` computes micro x accumulation x world size.
-    Returns the (mutated) DeepSpeed config dict.
+    stays "auto": ``prepare`` computes micro x accumulation x world size. An "auto"
+    accumulation takes ``accelerator.gradient_accumulation_steps``; an integer in the
+    DeepSpeed config overrides it. Returns the (mutated) DeepSpeed config dict.
     """
     plugin = accelerator.state.deepspeed_plugin
     cfg = plugin.deepspeed_config
@@ -134,8 +125,8 @@ def resolve_deepspeed_auto(
     if ds_gas == "auto":
         cfg["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
     elif int(ds_gas) != accelerator.gradient_accumulation_steps:
-        logger.info("gradient accumulation: DeepSpeed config says %s (requested %s); using it",
-                    ds_gas, gradient_accumulation_steps)
+        logger.info("gradient accumulation: using the DeepSpeed config's %s (requested %s)",
+                    ds_gas, accelerator.gradient_accumulation_steps)
         accelerator.gradient_accumulation_steps = int(ds_gas)
     if micro_batch_size is not None:
         ds_mbs = cfg.get("train_micro_batch_size_per_gpu", "auto")
@@ -148,6 +139,23 @@ def resolve_deepspeed_auto(
         cfg["gradient_clipping"] = float(grad_clip)
         plugin.gradient_clipping = float(grad_clip)
     return cfg
+
+
+def model_input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """dtype for floating-point inputs fed to a prepared model.
+
+    DeepSpeed bf16/fp16 converts the module's weights themselves and does not autocast,
+    so fp32 inputs fail ("mat1 and mat2 must have the same dtype"); cast them to this.
+    accelerate's own mixed precision autocasts instead, and inputs stay fp32.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        cfg = plugin.deepspeed_config
+        if cfg.get("bf16", {}).get("enabled") is True:
+            return torch.bfloat16
+        if cfg.get("fp16", {}).get("enabled") is True:
+            return torch.float16
+    return torch.float32
 
 
 def runtime_summary(accelerator: Accelerator) -> dict:
@@ -179,16 +187,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    try:  # makes the renames durable; some filesystems refuse, the renames stay atomic
         fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse directory fsync; the rename is still atomic
-    finally:
-        os.close(fd)
+        pass
 
 
 class CheckpointManager:
@@ -231,14 +237,12 @@ class CheckpointManager:
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
+        old = final.with_name(final.name + ".old")
         if final.exists():  # the same step saved twice (e.g. right after a resume)
-            old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -268,10 +272,8 @@ class CheckpointManager:
                 shutil.rmtree(d, ignore_errors=True)
 
     def latest(self, accelerator: Accelerator | None = None) -> Path | None:
-        """The newest complete checkpoint, or None. Call before training (no save in flight).
-
-        With an accelerator, only its main process deletes stale ``.tmp`` dirs.
-        """
+        """Newest complete checkpoint or None; call while no save runs. Deletes stale
+        ``.tmp`` dirs (with an accelerator: from its main process only)."""
         if accelerator is None or accelerator.is_main_process:
             self.remove_stale()
         pointer = self.root / LATEST_FILE
@@ -311,13 +313,12 @@ def stepping_optimizer(opt):
 
 
 def relink_schedulers(accelerator: Accelerator) -> int:
-    """Point every prepared LR scheduler at the optimizer that really steps; returns how many moved.
+    """Point prepared LR schedulers at the optimizer that really steps; returns how many moved.
 
-    With ZeRO optimizer offload accelerate replaces the torch optimizer by DeepSpeed's CPU
-    Adam, which shares the torch optimizer's param-group dicts -- until a checkpoint is
-    loaded: ``load_state_dict`` installs new dicts, and from then on the scheduler writes
-    its learning rates into the orphaned torch optimizer while training silently keeps
-    the LR of the save step. Called by ``CheckpointManager.load``; a no-op otherwise.
+    With ZeRO optimizer offload accelerate swaps the torch optimizer for DeepSpeed's CPU
+    Adam, sharing its param-group dicts -- until ``load_state_dict`` installs new ones:
+    then the scheduler writes LRs into the orphaned torch optimizer and training silently
+    keeps the LR of the save step. Called by ``CheckpointManager.load``.
     """
     moved = 0
     for sched in getattr(accelerator, "_schedulers", []):  # accelerate keeps no public list
@@ -391,16 +392,13 @@ def log_resolved_config(accelerator: Accelerator, cfg_dict, output_dir: str | os
 
 
 def unwrap_for_save(accelerator: Accelerator, model) -> tuple[torch.nn.Module, dict]:
-    """The plain module and its *complete* state dict, for exporting weights.
+    """The plain module and its *complete* state dict, for exporting weights (collective).
 
-    Collective: every rank must call it. Without DeepSpeed or under ZeRO-1/2 the dict is
-    the unwrapped module's own state dict. Under ZeRO-3 each rank holds only a shard of
-    every parameter (the module's own ``state_dict()`` has empty tensors), so the dict
-    comes from ``accelerator.get_state_dict``, which gathers the full weights on the main
-    process -- this requires ``zero3_save_16bit_model: true`` /
-    ``stage3_gather_16bit_weights_on_model_save: true``, else accelerate raises. Other
-    ranks get an empty dict, so save from the main process only, e.g.
-    ``module.save_pretrained(d, state_dict=sd)`` or ``torch.save(sd, f)``.
+    Under ZeRO-3 every rank holds a shard of each parameter (the module's own
+    ``state_dict()`` has empty tensors); ``accelerator.get_state_dict`` gathers the full
+    weights on the main process, which needs ``stage3_gather_16bit_weights_on_model_save``
+    (``zero3_save_16bit_model``) on, else accelerate raises. Other ranks get ``{}``: save
+    from the main process, e.g. ``torch.save(sd, f)`` or ``save_pretrained(d, state_dict=sd)``.
     """
     module = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model, unwrap=True)

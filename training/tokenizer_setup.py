@@ -45,7 +45,8 @@ class TokenizerTrainConfig:
     preset: str = "tiny"
     output_dir: str = "runs/tokenizer"
     seed: int = 0
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # per process and micro-step
+    gradient_accumulation_steps: int = 1  # a DeepSpeed config with an integer value wins
     max_steps: int | None = None  # cap on stage1 + stage2 optimizer steps (tests, smoke runs)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=1400, lr=1e-3, warmup_steps=50))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-4, warmup_steps=20,
