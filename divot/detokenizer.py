@@ -71,6 +71,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
 
     def __init__(self, config: DetokenizerConfig):
         super().__init__()
+        if config.noise.parameterization not in ("v", "edm"):
+            raise ValueError(f"noise.parameterization must be 'v' or 'edm', got {config.noise.parameterization!r}")
         if config.space not in ("pixel", "latent"):
             raise ValueError(f"space must be 'pixel' or 'latent', got {config.space!r}")
         if config.unet.in_channels != config.x_channels or config.unet.out_channels != config.x_channels:
@@ -121,10 +123,38 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """v-prediction for noisy ``x_t`` (b, f, c, h, w) at per-frame ``timesteps`` (b, f)."""
-        return self.unet(x_t, timesteps, self.context(tokens))
+        return self.predict_v(x_t, timesteps, self.context(tokens))
+
+    def _timesteps(self, timesteps: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        b, f = x_t.shape[:2]
+        t = timesteps.to(x_t.device).long()
+        return t.view(b, 1).expand(b, f) if t.ndim == 1 else t.expand(b, f) if t.ndim == 0 else t
+
+    def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                  return_raw: bool = False):
+        """v for the sampler, whatever the network's own parameterization."""
+        noise = self.config.noise
+        if noise.parameterization == "v":
+            v = self.unet(x_t, timesteps, context)
+            return (v, v) if return_raw else v
+        t = self._timesteps(timesteps, x_t)
+        c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, noise.sigma_data)
+        raw = self.unet(c_in * x_t, t, context)
+        v = diffusion.v_from_x0(x_t, c_skip * x_t + c_out * raw, t, self.alphas_cumprod)
+        return (v, raw) if return_raw else v
+
+    def _loss(self, x_t, t, tokens, x0, noise) -> torch.Tensor:
+        cfg = self.config.noise
+        if cfg.parameterization == "v":
+            return diffusion.v_loss(self(x_t, t, tokens), x0, noise, t, self.alphas_cumprod)
+        # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out.
+        _, raw = self.predict_v(x_t, t, self.context(tokens), return_raw=True)
+        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
+        return (raw.float() - (x0 - c_skip * x_t) / c_out).pow(2).mean()
 
     def training_loss(self, video: torch.Tensor, tokens: torch.Tensor, cond_dropout: float = 0.0,
-                      per_frame_prob: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                      per_frame_prob: float = 0.0, generator: torch.Generator | None = None,
+                      timestep_shift: float = 1.0) -> torch.Tensor:
         """v-prediction MSE (DESIGN.md §3); ``cond_dropout`` swaps tokens for the grey-clip tokens."""
         x0 = self.to_x(video)
         b, f = x0.shape[:2]
@@ -132,10 +162,10 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             drop = torch.rand(b, 1, 1, device=tokens.device, generator=generator) < cond_dropout
             tokens = torch.where(drop, self.null_tokens.to(tokens.dtype).expand_as(tokens), tokens)
         t = diffusion.sample_timesteps(b, f, self.config.noise.num_train_timesteps, per_frame_prob,
-                                       generator=generator, device=x0.device)
+                                       generator=generator, device=x0.device, shift=timestep_shift)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0, noise, t, self.alphas_cumprod)
-        return diffusion.v_loss(self(x_t, t, tokens), x0, noise, t, self.alphas_cumprod)
+        return self._loss(x_t, t, tokens, x0, noise)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, steps: int = 50, guidance_scale: float = 7.5,
@@ -159,7 +189,7 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             x_in = sched.scale_model_input(x, t)
             x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
             ts = torch.full(x_in.shape[:2], int(t), device=x.device, dtype=torch.long)
-            v = self.unet(x_in, ts, cond)
+            v = self.predict_v(x_in, ts, cond)
             if use_cfg:
                 v_c, v_u = v.chunk(2)
                 v = diffusion.guided(v_c, v_u, guidance_scale, guidance_rescale)

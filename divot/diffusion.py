@@ -26,6 +26,11 @@ class NoiseConfig:
     beta_schedule: str = "scaled_linear"
     rescale_zero_terminal_snr: bool = True
     prediction_type: str = "v_prediction"
+    # How the network's raw output becomes v: "v" (the network predicts v, as in the paper)
+    # or "edm" (Karras et al. 2022 preconditioning: x̂0 = c_skip·x_t + c_out·F(c_in·x_t),
+    # then v from x̂0; the samplers still receive v). "edm" trains much faster from scratch.
+    parameterization: str = "v"
+    sigma_data: float = 0.5
 
 
 def _common_kwargs(cfg: NoiseConfig) -> dict:
@@ -84,13 +89,41 @@ def x0_from_v(xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor, acp: torch.Ten
     return sa * xt - so * v
 
 
+def _draw(shape, num_train_timesteps: int, shift: float, generator, device) -> torch.Tensor:
+    """Timesteps with SD3's shift (Esser et al. 2024, eq. 23): u ↦ s·u / (1 + (s−1)·u).
+    s = 1 is uniform; s > 1 spends more steps at high noise, where only the condition
+    tells the model what to draw, so conditioning is learned sooner."""
+    u = torch.rand(shape, generator=generator, device=device)
+    if shift != 1.0:
+        u = shift * u / (1 + (shift - 1) * u)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
+def edm_coefficients(acp: torch.Tensor, t: torch.Tensor, ndim: int, sigma_data: float):
+    """EDM's c_skip, c_out, c_in rewritten for x_t = s·x0 + σ·ε (s = sqrt(ᾱ), σ = sqrt(1−ᾱ)).
+
+    EDM works on x = x_t/s with noise level σ/s; multiplying through by s keeps every
+    coefficient finite at zero terminal SNR (s = 0): c_skip = σd²·s/D², c_out = σ·σd/D,
+    c_in = 1/D with D² = σ² + s²·σd². At s = 0 the model output alone is x̂0 (= σd·F).
+    """
+    s, sig = _gather(acp, t, ndim)
+    d = (sig ** 2 + s ** 2 * sigma_data ** 2).sqrt()
+    return sigma_data ** 2 * s / d ** 2, sig * sigma_data / d, 1 / d
+
+
+def v_from_x0(xt: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, acp: torch.Tensor) -> torch.Tensor:
+    """v = (sqrt(ᾱ) x_t − x_0) / sqrt(1−ᾱ) (σ ≥ sqrt(β_0) > 0, so this never divides by 0)."""
+    s, sig = _gather(acp, t, xt.ndim)
+    return (s * xt - x0) / sig
+
+
 def sample_timesteps(b: int, f: int, num_train_timesteps: int, per_frame_prob: float = 0.0,
-                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, device=None, shift: float = 1.0) -> torch.Tensor:
     """(b, f) training timesteps: shared per clip, or (with ``per_frame_prob``) independent per frame."""
-    shared = torch.randint(0, num_train_timesteps, (b, 1), generator=generator, device=device).expand(b, f)
+    shared = _draw((b, 1), num_train_timesteps, shift, generator, device).expand(b, f)
     if per_frame_prob <= 0:
         return shared.contiguous()
-    independent = torch.randint(0, num_train_timesteps, (b, f), generator=generator, device=device)
+    independent = _draw((b, f), num_train_timesteps, shift, generator, device)
     pick = torch.rand(b, 1, generator=generator, device=device) < per_frame_prob
     return torch.where(pick, independent, shared)
 

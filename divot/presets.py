@@ -32,6 +32,8 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         "token_dim": 32, "context_tokens": 32, "context_dim": 128, "resampler_depth": 2,
         "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32, "space": "pixel",
         "pixel_patch": 4,
+        # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
+        "noise": {"parameterization": "edm"},
         # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). The top level
         # needs ≥ 48 channels: at low noise v ≈ ε holds 48 independent values per position.
         "unet": {"in_channels": 48, "out_channels": 48, "block_out_channels": [64, 64, 128],

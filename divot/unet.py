@@ -40,6 +40,17 @@ class UNetConfig:
     num_frames: int = 16
 
 
+def sincos_2d(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (h·w, dim), as in MAE/DiT; any resolution."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(parts, dim=1)
+    return F.pad(emb, (0, dim - emb.shape[1])).to(dtype)
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int):
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
@@ -61,6 +72,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))
+        # Where each query sits: without it, cross-attention cannot put content at a place.
+        y = y + sincos_2d(h, w, y.shape[-1], y.device, y.dtype)
         n = self.norm1(y)
         y = y + self.attn1(n)
         y = y + self.attn2(self.norm2(y), encoder_hidden_states=context)
@@ -139,6 +152,9 @@ class VideoUNet(nn.Module):
         self.time_proj = Timesteps(ch[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.frame_embedding = nn.Parameter(torch.zeros(cfg.num_frames, temb))
+        # Pooled context joins the time embedding, so every ResNet block sees the condition
+        # (VDM: "conditioning added in every residual block"), besides cross-attention.
+        self.context_embedding = TimestepEmbedding(cfg.cross_attention_dim, temb)
         self.down, self.downsamplers, skip_ch = nn.ModuleList(), nn.ModuleList(), [ch[0]]
         cin = ch[0]
         for i, c in enumerate(ch):
@@ -189,6 +205,7 @@ class VideoUNet(nn.Module):
             raise ValueError(f"{f} frames given; the U-Net was built for at most {self.cfg.num_frames}")
         x = self.conv_in(rearrange(sample, "b f c h w -> (b f) c h w"))
         temb = self.time_embed(timesteps, b, f, x.dtype)
+        temb = temb + self.context_embedding(context.mean(dim=1)).repeat_interleave(f, dim=0)
         ctx = context.repeat_interleave(f, dim=0)  # every frame attends to its clip's context
         skips = [x]
         for layers, down in zip(self.down, self.downsamplers):

@@ -159,24 +159,43 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler"])
-def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler):
-    """If the U-Net predicted the exact v of a target clip, every sampler must land on that clip."""
+def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler, monkeypatch):
+    """If the network predicted the exact v of a target clip, every sampler must land on that clip."""
     _, det = tiny
     target = torch.rand(1, 16, 3, 32, 32) * 2 - 1
     x0 = det.to_x(target)
-    acp = det.alphas_cumprod
 
-    class Oracle(torch.nn.Module):
-        def forward(self, x_t, t, context):
-            a = acp[t].view(*t.shape, 1, 1, 1)
-            # v such that sqrt(a)·x_t − sqrt(1−a)·v = x0, with a clamp at the zero-SNR end
-            return (a.sqrt() * x_t - x0.expand_as(x_t)) / (1 - a).sqrt().clamp_min(1e-4)
+    def oracle(x_t, t, context, return_raw=False):
+        a = det.alphas_cumprod[t].view(*t.shape, 1, 1, 1)
+        # v such that sqrt(a)·x_t − sqrt(1−a)·v = x0
+        return (a.sqrt() * x_t - x0.expand_as(x_t)) / (1 - a).sqrt().clamp_min(1e-4)
+
+    monkeypatch.setattr(det, "predict_v", oracle)
+    out = det.decode(torch.randn(1, 64, 32), steps=10, sampler=sampler, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, target, atol=2e-2), (out - target).abs().max()
+
+
+def test_edm_parameterization_gives_exact_v_for_the_ideal_output(tiny):
+    """With F = (x0 − c_skip·x_t)/c_out the preconditioned model must return the true v."""
+    from divot import diffusion
+    _, det = tiny
+    assert det.config.noise.parameterization == "edm"
+    x0, eps = torch.randn(2, 16, 48, 8, 8), torch.randn(2, 16, 48, 8, 8)
+    t = torch.tensor([[999] * 16, [3] * 16])
+    acp = det.alphas_cumprod
+    x_t = diffusion.q_sample(x0, eps, t, acp)
+    c_skip, c_out, c_in = diffusion.edm_coefficients(acp, t, 5, det.config.noise.sigma_data)
+    assert torch.isfinite(c_skip).all() and torch.isfinite(c_in).all()
+
+    class Ideal(torch.nn.Module):
+        def forward(self, x_in, tt, ctx):
+            return (x0 - c_skip * x_t) / c_out
 
     real = det.unet
-    det.unet = Oracle()
+    det.unet = Ideal()
     try:
-        out = det.decode(torch.randn(1, 64, 32), steps=10, sampler=sampler, guidance_scale=2.0,
-                         generator=torch.Generator().manual_seed(0))
+        v = det.predict_v(x_t, t, torch.zeros(2, 32, 128))
     finally:
         det.unet = real
-    assert torch.allclose(out, target, atol=2e-2), (out - target).abs().max()
+    assert torch.allclose(v, diffusion.v_target(x0, eps, t, acp), atol=1e-3)

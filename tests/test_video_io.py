@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from divot import video_io as vio
+from divot import video_write
 from divot.video_io import (
     TOKENIZER_FRAME_INDICES,
     VideoReadError,
@@ -110,7 +111,7 @@ def test_gif_round_trip(tmp_path):
 
 @pytest.mark.parametrize("ext", [".webm", ".mkv", ".avi", ".mov"])
 def test_other_containers_round_trip(tmp_path, ext):
-    codec = vio._WRITERS[ext][1]
+    codec = video_write._WRITERS[ext][1]
     if codec not in av.codecs_available:
         pytest.skip(f"codec {codec} not in this PyAV's FFmpeg")
     frames = coded_frames(24)

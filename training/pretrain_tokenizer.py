@@ -143,20 +143,21 @@ def next_video(loader, counters: dict, cache: dict):
 def optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters, cache, stage, scfg):
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
     dtype = runtime.model_input_dtype(accelerator)
-    losses, grad_norm = [], None
+    losses, spreads, grad_norm = [], [], None
     for _ in range(accelerator.gradient_accumulation_steps):
         video = next_video(loader, counters, cache).to(accelerator.device, dtype)
         with accelerator.accumulate(model):
-            loss = model(video, train_tokenizer=stage == 1, cond_dropout=scfg.cond_dropout,
-                         per_frame_prob=cfg.per_frame_prob)
+            loss, spread = model(video, train_tokenizer=stage == 1, cond_dropout=scfg.cond_dropout,
+                                 per_frame_prob=cfg.per_frame_prob, timestep_shift=scfg.timestep_shift)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach().float())
+        spreads.append(spread)
     scheduler.step()  # once per optimizer step (the accelerator does not step it)
-    return torch.stack(losses).mean(), grad_norm
+    return torch.stack(losses).mean(), torch.stack(spreads).mean(), grad_norm
 
 
 def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) -> None:
@@ -175,7 +176,7 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
             raw.refresh_null_tokens()  # tokenizer frozen from here on: its grey-clip tokens are final
             logger.info("stage 2: tokenizer frozen, U-Net fine-tuning with %.0f%% condition dropout",
                         100 * scfg.cond_dropout)
-        loss, grad_norm = optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters,
+        loss, spread, grad_norm = optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters,
                                          cache, stage, scfg)
         step += 1
         bar.update(1)
@@ -184,10 +185,12 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
             clips = cfg.batch_size * gas * accelerator.num_processes * cfg.log_every
             logs = {"loss": accelerator.reduce(loss, "mean").item(), "stage": stage, "lr/tokenizer": lrs[0],
                     "lr/detokenizer": lrs[1], "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                    "data/corrupt_total": counters["corrupt"], "clips_per_s": clips / max(time.time() - t0, 1e-6)}
+                    "data/corrupt_total": counters["corrupt"], "clips_per_s": clips / max(time.time() - t0, 1e-6),
+                    "tokens/spread_across_clips": accelerator.reduce(spread, "mean").item()}
             t0 = time.time()
             accelerator.log(logs, step=step)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", spread=f"{logs['tokens/spread_across_clips']:.3f}",
+                            stage=stage)
         if step % cfg.sample_every == 0 or step == total:
             accelerator.log({"preview/psnr": write_preview(raw, previews, cfg, step, stage, accelerator)}, step=step)
         if step % cfg.save_every == 0 or step == total:

@@ -29,6 +29,11 @@ class StageConfig:
     warmup_steps: int = 50
     cond_dropout: float = 0.0
     min_lr_ratio: float = 0.1
+    timestep_shift: float = 1.0  # > 1 favours high noise levels (SD3 shift); 1 = uniform
+    # Stage 1 only: the tokenizer's learning rate stays 0 for this many steps, then warms up.
+    # Trained from scratch (tiny), end-to-end training otherwise collapses the tokens to a
+    # constant before the U-Net has learned to read them; a decoder-first start avoids that.
+    tokenizer_delay_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,11 +109,14 @@ class TokenizerAutoencoder(nn.Module):
         self.detokenizer = detokenizer
 
     def forward(self, video: torch.Tensor, train_tokenizer: bool = True, cond_dropout: float = 0.0,
-                per_frame_prob: float = 0.0) -> torch.Tensor:
+                per_frame_prob: float = 0.0, timestep_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the loss and the tokens' spread across the batch (≈ 0 means collapsed tokens)."""
         with torch.set_grad_enabled(train_tokenizer and torch.is_grad_enabled()):
             tokens = self.tokenizer(video)
-        return self.detokenizer.training_loss(video, tokens, cond_dropout=cond_dropout,
-                                               per_frame_prob=per_frame_prob)
+        loss = self.detokenizer.training_loss(video, tokens, cond_dropout=cond_dropout,
+                                              per_frame_prob=per_frame_prob, timestep_shift=timestep_shift)
+        spread = tokens.detach().float().std(dim=0).mean() if tokens.shape[0] > 1 else tokens.new_zeros(())
+        return loss, spread
 
     @torch.no_grad()
     def refresh_null_tokens(self) -> None:
@@ -141,11 +149,14 @@ def stage_lambdas(cfg: TokenizerTrainConfig) -> list:
     s1, s2 = cfg.stage1, cfg.stage2
 
     def tokenizer_lr(step: int) -> float:
-        return _warmup_cosine(step, s1.warmup_steps, s1.steps, s1.min_lr_ratio) if step < s1.steps else 0.0
+        delay = s1.tokenizer_delay_steps
+        if step < delay or step >= s1.steps:
+            return 0.0
+        return _warmup_cosine(step - delay, s1.warmup_steps, s1.steps - delay, s1.min_lr_ratio)
 
     def detokenizer_lr(step: int) -> float:
         if step < s1.steps:
-            return tokenizer_lr(step)
+            return _warmup_cosine(step, s1.warmup_steps, s1.steps, s1.min_lr_ratio)
         scale = s2.lr / s1.lr
         return scale * _warmup_cosine(step - s1.steps, s2.warmup_steps, s2.steps, s2.min_lr_ratio)
 
