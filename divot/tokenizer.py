@@ -115,7 +115,7 @@ class SpaceTimeDown(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, f·s, d) → (b, num_tokens, token_dim)."""
-        f, s = self.pos_embed_temporal.shape[0], self.pos_embed_spatial.shape[0]
+        # Token (f, s) gets temporal[f] + spatial[s]; frames are the outer index.
         pos = rearrange(self.pos_embed_temporal, "f d -> f 1 d") + rearrange(self.pos_embed_spatial, "s d -> 1 s d")
         x = x + rearrange(pos, "f s d -> 1 (f s) d")[:, : x.shape[1]]
         for block in self.blocks:

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from divot import video_io as vio
 from divot import video_write
 from divot.video_io import (
     TOKENIZER_FRAME_INDICES,

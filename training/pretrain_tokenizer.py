@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from divot import config as cfglib
@@ -52,9 +54,12 @@ def build_loader(cfg: TokenizerTrainConfig, rank: int, world: int, start_step: i
     else:
         raise ValueError(f"data.source must be 'shapes' or 'folder', got {cfg.data.source!r}")
     sampler = StepSampler(len(ds), cfg.batch_size, rank, world, cfg.seed, start_step, shuffle)
+    # The loader's own generator: creating an iterator draws a base seed, which must not come
+    # from the global RNG (a resumed run creates its iterator right after restoring that RNG).
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler,
                                        num_workers=cfg.data.num_workers, collate_fn=collate_videos,
-                                       persistent_workers=cfg.data.num_workers > 0)
+                                       persistent_workers=cfg.data.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def preview_clips(cfg: TokenizerTrainConfig) -> torch.Tensor:
@@ -80,9 +85,8 @@ def write_preview(model: TokenizerAutoencoder, clips: torch.Tensor, cfg: Tokeniz
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
     if accelerator.is_main_process:
         rows = [side_by_side(to_uint8(a.cpu()), to_uint8(b.cpu())) for a, b in zip(clips, recon)]
-        grid = torch.from_numpy(__import__("numpy").concatenate(rows, axis=1))
         out = Path(cfg.output_dir) / "samples" / f"step_{step:08d}.mp4"
-        write_video(out, grid.numpy(), fps=8.0)
+        write_video(out, np.concatenate(rows, axis=1), fps=8.0)  # clips stacked vertically
         logger.info("preview %s (PSNR %.2f dB)", out, psnr)
     model.train(was_training)
     return psnr
@@ -221,7 +225,7 @@ def main(argv=None) -> None:
     except (cfglib.ConfigError, ValueError) as e:
         sys.exit(f"config error: {e}")
     if args.print_config:
-        print(__import__("yaml").safe_dump(cfglib.to_dict(cfg), sort_keys=False))
+        print(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
         return
     train(cfg, resume=args.resume)
 

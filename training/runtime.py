@@ -101,9 +101,25 @@ def make_accelerator(
         else:
             logger.warning("tensorboard is not installed: metrics will not be logged")
     accelerator = Accelerator(**kwargs)
+    _use_all_cores(accelerator)
     if accelerator.state.deepspeed_plugin is not None:
         resolve_deepspeed_auto(accelerator, micro_batch_size, grad_clip)
     return accelerator
+
+
+def _use_all_cores(accelerator: Accelerator) -> None:
+    """One CPU process gets every core it may run on.
+
+    ``accelerate launch`` exports OMP_NUM_THREADS=1 unless told otherwise, which suits
+    several processes sharing a machine but halves a lone CPU process's speed on 2 cores.
+    DIVOT_NUM_THREADS overrides the choice.
+    """
+    if accelerator.num_processes != 1 or accelerator.device.type != "cpu":
+        return
+    wanted = int(os.environ.get("DIVOT_NUM_THREADS", "0")) or len(os.sched_getaffinity(0))
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+        logger.info("using %d CPU threads", wanted)
 
 
 def resolve_deepspeed_auto(

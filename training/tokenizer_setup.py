@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from divot import config as cfglib
 from divot import presets
 from divot.detokenizer import DetokenizerConfig, DivotDetokenizer
 from divot.tokenizer import DivotTokenizer, TokenizerConfig
@@ -50,11 +51,13 @@ class TokenizerTrainConfig:
     preset: str = "tiny"
     output_dir: str = "runs/tokenizer"
     seed: int = 0
-    batch_size: int = 8  # per process and micro-step
+    batch_size: int = 4  # per process and micro-step
     gradient_accumulation_steps: int = 1  # a DeepSpeed config with an integer value wins
     max_steps: int | None = None  # cap on stage1 + stage2 optimizer steps (tests, smoke runs)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=1400, lr=1e-3, warmup_steps=50))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-4, warmup_steps=20,
+    # Defaults: the tiny preset on 2 CPU cores in about 14 minutes (docs/RESULTS.md).
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=2.0, tokenizer_delay_steps=300))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=3e-4, warmup_steps=20,
                                                                     cond_dropout=0.05))
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
@@ -63,9 +66,9 @@ class TokenizerTrainConfig:
     per_frame_prob: float = 0.0  # share of clips with independent per-frame noise levels
     gradient_checkpointing: bool = False
     log_every: int = 10
-    save_every: int = 200
+    save_every: int = 250
     keep_last: int = 2
-    sample_every: int = 400
+    sample_every: int = 500
     sample_clips: int = 4
     sample_steps: int = 25
     sampler: str = "ddim"
@@ -83,7 +86,8 @@ class TokenizerTrainConfig:
 
 PAPER_OVERRIDES: dict[str, Any] = {
     # Published setting (DESIGN.md §3/§4): lr 1e-4, guidance 7.5 with rescale 0.7.
-    "batch_size": 4, "stage1": {"steps": 100_000, "lr": 1e-4, "warmup_steps": 500},
+    "batch_size": 4,
+    "stage1": {"steps": 100_000, "lr": 1e-4, "warmup_steps": 500, "timestep_shift": 1.0, "tokenizer_delay_steps": 0},
     "stage2": {"steps": 50_000, "lr": 1e-4, "warmup_steps": 500, "cond_dropout": 0.05},
     "guidance_scale": 7.5, "sample_steps": 50, "mixed_precision": "bf16", "weight_decay": 0.05,
     "sample_every": 2000, "save_every": 2000,
@@ -92,7 +96,6 @@ PAPER_OVERRIDES: dict[str, Any] = {
 
 def expand_presets(data: dict[str, Any]) -> dict[str, Any]:
     """Fill ``tokenizer``/``detokenizer`` (and paper run settings) from ``preset``, user keys winning."""
-    from divot import config as cfglib
     preset = data.get("preset", "tiny")
     out = cfglib.merge(PAPER_OVERRIDES, data) if preset == "paper" else dict(data)
     out["tokenizer"] = cfglib.to_dict(presets.tokenizer_config(preset, **data.get("tokenizer", {})))
