@@ -130,32 +130,30 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         t = timesteps.to(x_t.device).long()
         return t.view(b, 1).expand(b, f) if t.ndim == 1 else t.expand(b, f) if t.ndim == 0 else t
 
-    def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                  return_raw: bool = False):
+    def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """v for the sampler, whatever the network's own parameterization."""
         noise = self.config.noise
         if noise.parameterization == "v":
-            v = self.unet(x_t, timesteps, context)
-            return (v, v) if return_raw else v
+            return self.unet(x_t, timesteps, context)
         t = self._timesteps(timesteps, x_t)
         c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, noise.sigma_data)
-        raw = self.unet(c_in * x_t, t, context)
-        v = diffusion.v_from_x0(x_t, c_skip * x_t + c_out * raw, t, self.alphas_cumprod)
-        return (v, raw) if return_raw else v
+        x0 = c_skip * x_t + c_out * self.unet(c_in * x_t, t, context)
+        return diffusion.v_from_x0(x_t, x0, t, self.alphas_cumprod)
 
     def _loss(self, x_t, t, tokens, x0, noise) -> torch.Tensor:
         cfg = self.config.noise
         if cfg.parameterization == "v":
             return diffusion.v_loss(self(x_t, t, tokens), x0, noise, t, self.alphas_cumprod)
         # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out.
-        _, raw = self.predict_v(x_t, t, self.context(tokens), return_raw=True)
-        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
+        c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
+        raw = self.unet(c_in * x_t, t, self.context(tokens))
         return (raw.float() - (x0 - c_skip * x_t) / c_out).pow(2).mean()
 
     def training_loss(self, video: torch.Tensor, tokens: torch.Tensor, cond_dropout: float = 0.0,
                       per_frame_prob: float = 0.0, generator: torch.Generator | None = None,
                       timestep_shift: float = 1.0) -> torch.Tensor:
-        """v-prediction MSE (DESIGN.md §3); ``cond_dropout`` swaps tokens for the grey-clip tokens."""
+        """Denoising loss (v-MSE, DESIGN.md §3, or its EDM form); ``cond_dropout`` swaps tokens for
+        the grey-clip tokens."""
         x0 = self.to_x(video)
         b, f = x0.shape[:2]
         if cond_dropout > 0:

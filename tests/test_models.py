@@ -165,7 +165,7 @@ def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler, monkeypatch):
     target = torch.rand(1, 16, 3, 32, 32) * 2 - 1
     x0 = det.to_x(target)
 
-    def oracle(x_t, t, context, return_raw=False):
+    def oracle(x_t, t, context):
         a = det.alphas_cumprod[t].view(*t.shape, 1, 1, 1)
         # v such that sqrt(a)·x_t − sqrt(1−a)·v = x0
         return (a.sqrt() * x_t - x0.expand_as(x_t)) / (1 - a).sqrt().clamp_min(1e-4)

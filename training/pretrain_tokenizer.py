@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from divot import config as cfglib
+from divot import metrics
 from divot.data import VideoTextDataset, collate_videos
 from divot.detokenizer import DivotDetokenizer
 from divot.shapes import ShapesVideoDataset
@@ -81,8 +82,7 @@ def write_preview(model: TokenizerAutoencoder, clips: torch.Tensor, cfg: Tokeniz
     g = torch.Generator(device=clips.device).manual_seed(cfg.seed)
     recon = model.detokenizer.decode(tokens, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
                                      guidance_rescale=cfg.guidance_rescale, sampler=cfg.sampler, generator=g)
-    mse = torch.mean((recon.float() - clips.float()) ** 2 / 4).item()  # images in [0, 1] units
-    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
+    psnr = metrics.psnr(recon, clips).mean().item()
     if accelerator.is_main_process:
         rows = [side_by_side(to_uint8(a.cpu()), to_uint8(b.cpu())) for a, b in zip(clips, recon)]
         out = Path(cfg.output_dir) / "samples" / f"step_{step:08d}.mp4"
