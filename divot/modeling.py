@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,20 +37,26 @@ def atomic_save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLi
     os.replace(tmp, path)
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load with a readable report of missing/unexpected keys and shape mismatches."""
-    own = model.state_dict()
+def check_state_dict(own: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor], source: str,
+                     what: str) -> None:
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches of ``state``
+    against the expected ``own`` (name → shape) of ``what``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k])}"
+                  for k in sorted(set(own) & set(state)) if tuple(own[k]) != tuple(state[k].shape)]
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        lines = [f"checkpoint {source} does not fit {what}:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
                 shown = ", ".join(items[:10]) + (f" … (+{len(items) - 10})" if len(items) > 10 else "")
                 lines.append(f"  {title} ({len(items)}): {shown}")
         raise CheckpointError("\n".join(lines))
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load with a readable report of missing/unexpected keys and shape mismatches."""
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source, type(model).__name__)
     model.load_state_dict(state, strict=True)
 
 

@@ -7,6 +7,10 @@ model's x̂0. The x̂0 error is shown beside two baselines: v = 0, and an all-bl
 t = 999 the input is pure noise, so an x̂0 error at the black baseline means the tokens
 are ignored. It also prints the tokens' spread across clips (≈ 0 means collapsed tokens)
 and the decoding error at guidance 1 and 3. Equal errors mean the condition has no effect.
+Two more checks of the condition path: the x̂0 error when each clip is denoised with another
+clip's tokens (equal to the own-token error = tokens unused), and the spread of the
+de-tokenizer's cross-attention context across random token sets (≈ 0 = its resampler
+no longer passes its input on).
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ def main(argv=None) -> None:
     video = torch.stack([ds[i]["video"] for i in range(args.clips)])
     tokens = ae.encode(video)
     print(f"token spread across clips {tokens.std(0).mean():.4f} (within a clip {tokens.std(1).mean():.4f})")
+    with torch.no_grad():
+        # Does the de-tokenizer's own resampler still pass its input on? Its context for very
+        # different (random) token sets; a spread near 0 means the condition path has closed.
+        probe = torch.randn(4, *tokens.shape[1:], generator=torch.Generator().manual_seed(args.seed))
+        print(f"context spread across random token sets {det.context(probe).std(0).mean():.4f}")
     x0 = det.to_x(video)
     black = ((-1 - x0) ** 2).mean().item()
     b, f = x0.shape[:2]
@@ -42,9 +51,13 @@ def main(argv=None) -> None:
             xt = diffusion.q_sample(x0, noise, tt, acp)
             v = det(xt, tt, tokens)
             err = ((diffusion.x0_from_v(xt, v, tt, acp) - x0) ** 2).mean().item()
+            # Each clip denoised with another clip's tokens: equal errors = tokens unused.
+            v_other = det(xt, tt, tokens.roll(1, 0))
+            other = ((diffusion.x0_from_v(xt, v_other, tt, acp) - x0) ** 2).mean().item()
             zero = ((diffusion.x0_from_v(xt, torch.zeros_like(v), tt, acp) - x0) ** 2).mean().item()
             vloss = ((v - diffusion.v_target(x0, noise, tt, acp)) ** 2).mean().item()
-            print(f"t={t:4d}  v-loss {vloss:.3f}  x0 error {err:.4f}  (v=0: {zero:.4f}, all black: {black:.4f})")
+            print(f"t={t:4d}  v-loss {vloss:.3f}  x0 error {err:.4f}  (other clip's tokens: {other:.4f}, "
+                  f"v=0: {zero:.4f}, all black: {black:.4f})")
         for g in (1.0, 3.0):
             out = det.decode(tokens, steps=25, guidance_scale=g, generator=torch.Generator().manual_seed(0))
             print(f"decode, guidance {g}: MSE {((out - video) ** 2).mean().item():.4f}")

@@ -125,7 +125,7 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     if resume and state is None:
         logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
-    accelerator.init_trackers("pretrain_tokenizer", config=_flat(cfglib.to_dict(cfg)))
+    accelerator.init_trackers("pretrain_tokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))
     loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters)
     export(model, accelerator, cfg)
     accelerator.end_training()
@@ -204,17 +204,6 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
         logger.warning("skipped %d unreadable videos during training", counters["corrupt"])
     if cfg.stage2.steps == 0 or step <= cfg.stage1.steps:
         raw.refresh_null_tokens()  # stage 2 never ran: match the final tokenizer
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def main(argv=None) -> None:

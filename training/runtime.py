@@ -393,6 +393,18 @@ def _plain(obj):
     return str(obj)
 
 
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` with non-scalar leaves as strings (tracker hparams)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_dict(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 def log_resolved_config(accelerator: Accelerator, cfg_dict, output_dir: str | os.PathLike) -> Path:
     """Write ``output_dir/config.yaml`` (+ ``runtime.yaml``) from the main process and log it."""
     out = Path(output_dir)
