@@ -162,13 +162,14 @@ def main(argv=None) -> dict:
         pipe = mc_core.load_pipeline(args)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    out_dir = Path(args.output_dir or f"runs/eval/egoschema_{args.mode}")
+    out_dir = Path(args.output_dir or f"runs/eval/egoschema_{args.mode}" + ("_text_only" if args.text_only else ""))
     print(f"EgoSchema ({layout} layout, {source}): {len(selected)} of {len(questions)} questions, "
           f"mode {args.mode}, up to {args.max_clips} clips per video → {out_dir}")
-    settings = mc_core.run_settings(pipe, args.mode, args.max_new_tokens, data=str(source.resolve()))
+    settings = mc_core.run_settings(pipe, args.mode, args.max_new_tokens, text_only=args.text_only,
+                                    data=str(source.resolve()))
     try:
         rows, metrics, resumed = mc_core.evaluate(pipe, selected, out_dir, mode=args.mode, batch_size=args.batch_size,
-                                                  max_new_tokens=args.max_new_tokens, settings=settings)
+                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens, settings=settings)
     except ValueError as exc:  # results of other settings in out_dir
         sys.exit(f"error: {exc}")
     submission, filled = make_submission(questions, rows, args.unanswered_fill)
@@ -185,7 +186,8 @@ def main(argv=None) -> dict:
           f"unreadable {result['num_unreadable_video']}, too long {result['num_prompt_too_long']}")
     print(f"wrote {out_dir / 'results.jsonl'}, {out_dir / 'submission.json'} ({filled} filled with "
           f"{args.unanswered_fill}), {out_dir / 'metrics.json'}")
-    print(json.dumps({k: result[k] for k in HEADLINE} | {"mode": args.mode, "checkpoint": str(pipe.checkpoint),
+    print(json.dumps({k: result[k] for k in HEADLINE} | {"mode": args.mode, "text_only": args.text_only,
+                                                          "checkpoint": str(pipe.checkpoint),
                                                           "data": str(source)}))
     return result
 

@@ -8,9 +8,9 @@ The Fréchet distance between Gaussians N(mu1, S1) and N(mu2, S2) is
 S1^½ S2 S1^½, whose eigenvalues are those of S1 S2 but which, unlike S1 S2, an
 eigendecomposition handles stably: it is positive semi-definite, so eigenvalues that
 round-off pushes slightly below zero are clamped to zero before the square root. All
-of it runs in float64, and the result is clamped at zero, so identical sets give ~0
-and never a negative distance. With I3D features (:mod:`eval.i3d`) this is FVD
-(Unterthiner et al. 2018).
+of it runs in float64 (torch's CPU linear algebra), and the result is clamped at zero,
+so identical sets give ~0 and never a negative distance. With I3D features
+(:mod:`eval.i3d`) this is FVD (Unterthiner et al. 2018).
 
 When no I3D weights are at hand, :func:`tokenizer_features` gives the project's own
 Divot tokenizer features (tokens mean-pooled per clip). Their Fréchet distance is
@@ -51,27 +51,33 @@ def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
-def sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+def sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues → 0)."""
     sym = (matrix + matrix.T) / 2  # round-off can leave it slightly asymmetric
-    values, vectors = np.linalg.eigh(sym)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    values, vectors = torch.linalg.eigh(sym)
+    return (vectors * values.clamp_min(0.0).sqrt()) @ vectors.T
+
+
+def _float64(x, ndim: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    return t.reshape(-1) if ndim == 1 else (t.reshape(1, 1) if t.ndim == 0 else t)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); >= 0."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); >= 0.
+
+    The linear algebra runs in torch (float64, CPU), which follows torch's thread setting."""
+    mu1, mu2 = _float64(mu1, 1), _float64(mu2, 1)
+    s1, s2 = _float64(sigma1, 2), _float64(sigma2, 2)
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shapes do not fit: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, "
-                         f"sigma2 {s2.shape}; expected (d,) and (d, d) with one d")
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shapes do not fit: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, mu2 "
+                         f"{tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}; expected (d,) and (d, d) with one d")
     root1 = sqrt_psd(s1)
     inner = root1 @ s2 @ root1
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    cross = np.sqrt(np.clip(eig, 0.0, None)).sum()
+    cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0.0).sqrt().sum()
     diff = mu1 - mu2
-    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * cross)
+    value = float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2.0 * cross)
     return max(value, 0.0)
 
 

@@ -56,7 +56,7 @@ from divot.video_io import VIDEO_EXTENSIONS, VideoReadError, read_clip, write_vi
 from eval import clipsim, fvd, i3d  # noqa: E402
 from eval.mc_core import accuracy  # noqa: E402
 from eval.qa_io import ResultLog, check_settings, write_json  # noqa: E402
-from llm.pipeline import PromptTooLongError, find_checkpoint, load  # noqa: E402
+from llm.pipeline import GENERATION_CHECKPOINTS, PromptTooLongError, find_checkpoint, load  # noqa: E402
 
 WORLD_SEED = 0  # the Shapes world of the tokenizer's reconstruction report
 ATTRIBUTES = ("color", "shape", "direction")
@@ -259,7 +259,7 @@ def load_models(args):
     """(pipeline, I3D or None, ClipScorer or None); exits with a clear message when one fails."""
     if args.checkpoint is None:
         try:
-            args.checkpoint = find_checkpoint()
+            args.checkpoint = find_checkpoint(candidates=GENERATION_CHECKPOINTS)
         except CheckpointError as exc:
             sys.exit(f"error: {exc}")
         print(f"no --checkpoint: using the quick-start checkpoint {args.checkpoint} (llm.pipeline.find_checkpoint)")

@@ -30,7 +30,6 @@ import logging
 import math
 import re
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,18 +86,19 @@ class VideoTokens:
             return None, UNREADABLE
 
 
+class NoVideo:
+    """The text-only control: every question is asked with no clips at all, so its accuracy
+    is what the question and options alone give away (near chance = answers need the video)."""
+
+    def __init__(self, pipe):
+        cfg = pipe.model.config
+        self.empty = torch.zeros(0, cfg.num_query_tokens, cfg.token_dim)
+
+    def __call__(self, path: str) -> tuple[torch.Tensor, str]:
+        return self.empty, OK
+
+
 # ------------------------------------------------------------------ likelihood
-@contextmanager
-def _inference(model):
-    was_training = model.training
-    model.eval()  # LoRA dropout off
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def encode_request(model, request: ScoreRequest):
     return encode_comprehension(model.text_tokenizer, request.prompt, request.answer,
                                 int(request.clip_tokens.shape[0]), model.config.num_query_tokens)
@@ -109,7 +109,7 @@ def option_scores(model, requests: Sequence[ScoreRequest], batch_size: int = 8) 
     sequences per forward."""
     encoded = [encode_request(model, r) for r in requests]
     scores: list[float] = []
-    with _inference(model):
+    with model.inference():
         for start in range(0, len(encoded), batch_size):
             chunk = slice(start, start + batch_size)
             scores += _batch_scores(model, encoded[chunk], [r.clip_tokens for r in requests[chunk]])
@@ -301,15 +301,17 @@ def summarize(questions: Sequence[MCQuestion], rows: Sequence[dict]) -> dict:
 # ------------------------------------------------------------------ one evaluation run
 def evaluate(pipe, questions: Sequence[MCQuestion], out_dir: str | Path, *, mode: str = "likelihood",
              batch_size: int = 8, max_new_tokens: int = 32, settings: dict | None = None,
-             ) -> tuple[list[dict], dict, int]:
+             text_only: bool = False) -> tuple[list[dict], dict, int]:
     """Answer ``questions`` with ``pipe`` (a :class:`llm.pipeline.DivotPipeline`), resuming from
     and appending to ``out_dir/results.jsonl``; returns (rows, :func:`summarize` metrics, number
-    of rows resumed). ``settings`` are checked against those of an earlier run in ``out_dir``."""
+    of rows resumed). ``settings`` are checked against those of an earlier run in ``out_dir``.
+    ``text_only`` asks every question without its video (:class:`NoVideo`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out_dir = Path(out_dir)
-    check_settings(out_dir / "settings.json", settings or run_settings(pipe, mode, max_new_tokens))
-    tokens_of = VideoTokens(pipe)
+    check_settings(out_dir / "settings.json", settings or run_settings(pipe, mode, max_new_tokens,
+                                                                       text_only=text_only))
+    tokens_of = NoVideo(pipe) if text_only else VideoTokens(pipe)
     if mode == "likelihood":
         group = max(1, math.ceil(batch_size / max((len(q.options) for q in questions), default=1)))
         rows, resumed = run_questions(
@@ -387,6 +389,8 @@ def add_run_args(parser: argparse.ArgumentParser, modes: Sequence[str] = MODES) 
     parser.add_argument("--max-clips", type=int, default=MAX_QA_CLIPS,
                         help="2-second clips per video, spread over longer videos")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument("--text-only", action="store_true",
+                        help="control run: ask every question without its video (near chance = answers need the video)")
     if "likelihood" in modes:
         parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (likelihood)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap (generation)")

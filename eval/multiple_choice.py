@@ -54,13 +54,15 @@ def main(argv=None) -> dict:
         pipe = mc_core.load_pipeline(args)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    out_dir = Path(args.output_dir or f"runs/eval/mc_{Path(args.data).stem}_{args.mode}")
+    out_dir = Path(args.output_dir or f"runs/eval/mc_{Path(args.data).stem}_{args.mode}"
+                   + ("_text_only" if args.text_only else ""))
     print(f"multiple choice ({args.data}): {len(selected)} of {len(questions)} questions, mode {args.mode}, "
           f"checkpoint {pipe.checkpoint} → {out_dir}")
-    settings = mc_core.run_settings(pipe, args.mode, args.max_new_tokens, data=str(Path(args.data).resolve()))
+    settings = mc_core.run_settings(pipe, args.mode, args.max_new_tokens, text_only=args.text_only,
+                                    data=str(Path(args.data).resolve()))
     try:
         rows, metrics, resumed = mc_core.evaluate(pipe, selected, out_dir, mode=args.mode, batch_size=args.batch_size,
-                                                  max_new_tokens=args.max_new_tokens, settings=settings)
+                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens, settings=settings)
     except ValueError as exc:  # results of other settings in out_dir
         sys.exit(f"error: {exc}")
     result = {**metrics, "num_resumed": resumed, "data": str(args.data), "limit": args.limit,
@@ -71,7 +73,8 @@ def main(argv=None) -> dict:
     print(f"accuracy {'n/a' if acc is None else f'{acc:.3f}'} over {result['num_scored']} questions "
           f"({resumed} resumed); invalid {result['num_invalid']}, missing videos {result['num_missing_video']}, "
           f"unreadable {result['num_unreadable_video']}; wrote {out_dir / 'metrics.json'}")
-    print(json.dumps({k: result[k] for k in HEADLINE} | {"mode": args.mode, "checkpoint": str(pipe.checkpoint),
+    print(json.dumps({k: result[k] for k in HEADLINE} | {"mode": args.mode, "text_only": args.text_only,
+                                                          "checkpoint": str(pipe.checkpoint),
                                                           "data": str(args.data)}))
     return result
 

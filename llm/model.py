@@ -224,7 +224,8 @@ class DivotLLM(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @contextmanager
-    def _inference(self):
+    def inference(self):
+        """No gradients and eval mode (LoRA dropout off) inside; the training mode is restored."""
         was_training = self.training
         self.eval()  # LoRA dropout off
         try:
@@ -263,7 +264,7 @@ class DivotLLM(nn.Module):
         ids = self._prompt(input_ids, max_new_tokens, "generate_text")
         stop = set((self.special_ids["eos"], self.special_ids[VID_START]) if stop_ids is None else stop_ids)
         new: list[int] = []
-        with self._inference():
+        with self.inference():
             embeds = self.embed(ids, self._row(clip_mask, ids), clip_tokens)
             mask = self.attention_mask_4d(self._row(query_mask, ids), None, embeds.dtype)
             out = self.base_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
@@ -298,7 +299,7 @@ class DivotLLM(nn.Module):
         full = torch.cat([ids, torch.tensor([block], device=self.device)], dim=1)
         query = self._row(query_mask, ids, len(block))
         query[0, -n:] = True
-        with self._inference():
+        with self.inference():
             embeds = self.embed(full, self._row(clip_mask, ids, len(block)), clip_tokens)
             mask = self.attention_mask_4d(query, None, embeds.dtype)
             hidden = self.base_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state

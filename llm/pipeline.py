@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 DEFAULT_CHECKPOINTS = ("runs/llm_sft_comp/final", "runs/llm_sft_gen/final", "runs/llm_pretrain/final")
+# Prompt-to-video prefers the generation fine-tune (the comprehension one kept the pretrain GMM head).
+GENERATION_CHECKPOINTS = ("runs/llm_sft_gen/final", "runs/llm_pretrain/final", "runs/llm_sft_comp/final")
 DEFAULT_MAX_CLIPS = 8  # per video at inference (training reads up to 4)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _GENERATION_PREFIX = GENERATION_INSTRUCTION.split("{caption}")[0]  # "Generate a video of "
@@ -62,16 +64,18 @@ class PromptTooLongError(ValueError):
 
 
 # ------------------------------------------------------------------ loading
-def find_checkpoint(roots: Sequence[str | os.PathLike] | None = None) -> Path:
-    """The first existing of :data:`DEFAULT_CHECKPOINTS` under ``roots`` (default: the working
+def find_checkpoint(roots: Sequence[str | os.PathLike] | None = None,
+                    candidates: Sequence[str] = DEFAULT_CHECKPOINTS) -> Path:
+    """The first existing of ``candidates`` (:data:`DEFAULT_CHECKPOINTS`, or
+    :data:`GENERATION_CHECKPOINTS` for prompt-to-video) under ``roots`` (default: the working
     directory, then the source checkout)."""
     roots = list(dict.fromkeys(Path(r).resolve() for r in ([Path.cwd(), REPO_ROOT] if roots is None else roots)))
-    for rel in DEFAULT_CHECKPOINTS:
+    for rel in candidates:
         for root in roots:
             if (root / rel).is_dir():
                 logger.info("using Divot-LLM checkpoint %s", root / rel)
                 return root / rel
-    looked = ", ".join(str(r / rel) for r in roots for rel in DEFAULT_CHECKPOINTS)
+    looked = ", ".join(str(r / rel) for r in roots for rel in candidates)
     raise CheckpointError(f"no Divot-LLM checkpoint found (looked for {looked}); {_TRAIN_HINT}")
 
 
@@ -368,11 +372,13 @@ def generate(prompt: str, videos: Video | Sequence[Video] | None = None, *, chec
     if mode not in ("auto", "text", "video"):
         raise ValueError(f"mode must be 'auto', 'text' or 'video', got {mode!r}")
     load_kw = {k: kw.pop(k) for k in _LOAD_KEYS if k in kw}
+    mode = mode if mode != "auto" else ("text" if as_video_list(videos) else "video")
     if pipeline is None:
+        if checkpoint is None and mode == "video":
+            checkpoint = find_checkpoint(candidates=GENERATION_CHECKPOINTS)
         pipeline = get_pipeline(checkpoint, **load_kw)
     elif checkpoint is not None or load_kw:
         raise ValueError("pass either pipeline= or checkpoint= / load options, not both")
-    mode = mode if mode != "auto" else ("text" if as_video_list(videos) else "video")
     if mode == "text":
         if output is not None:
             raise ValueError("output= writes a generated video; mode 'text' returns a string")

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from divot.modeling import CheckpointError  # noqa: E402
-from llm.pipeline import PromptTooLongError, load  # noqa: E402
+from llm.pipeline import GENERATION_CHECKPOINTS, PromptTooLongError, find_checkpoint, load  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, default=Path("generated.mp4"),
                         help="output file; .mp4/.webm/.mkv/.avi/.mov or .gif (default generated.mp4)")
     parser.add_argument("--gif", action="store_true", help="write a GIF (replaces the output's extension)")
-    parser.add_argument("--checkpoint", default=None, help="Divot-LLM checkpoint (default: newest under runs/)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="Divot-LLM checkpoint (default: runs/llm_sft_gen/final, else llm_pretrain, else llm_sft_comp)")
     parser.add_argument("--detokenizer", default=None, help="de-tokenizer dir (default: the checkpoint's)")
     parser.add_argument("--tokenizer", default=None, help="Divot tokenizer dir (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available)")
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        pipe = load(args.checkpoint, tokenizer=args.tokenizer, detokenizer=args.detokenizer,
+        checkpoint = args.checkpoint or find_checkpoint(candidates=GENERATION_CHECKPOINTS)
+        pipe = load(checkpoint, tokenizer=args.tokenizer, detokenizer=args.detokenizer,
                     device=args.device, dtype=args.dtype)
         video = pipe.generate_video(args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                                     guidance_rescale=args.guidance_rescale, sampler=args.sampler,

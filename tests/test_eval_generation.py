@@ -18,13 +18,7 @@ from _llm_fixtures import make_tiny_run
 WORLD = ShapesWorld(seed=generation.WORLD_SEED)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: a second thread only adds hand-off waits on the busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +193,7 @@ def _planted(wrong: bool):
 @pytest.mark.parametrize("wrong", [False, True])
 def test_planted_prompt_following(ckpt, tmp_path, monkeypatch, capsys, wrong):
     monkeypatch.setattr(generation, "generate_frames", _planted(wrong))
-    monkeypatch.setattr(generation, "find_checkpoint", lambda: ckpt)
+    monkeypatch.setattr(generation, "find_checkpoint", lambda **kw: ckpt)
     out = tmp_path / "out"
     args = ["--num-prompts", "4", "--num-heldout", "2", "--output-dir", str(out), "--save-videos", "2"]
     result = generation.main(args)  # no --checkpoint: the quick-start one (here: the tiny run)

@@ -23,13 +23,7 @@ from _llm_fixtures import make_tiny_run
 OPTIONS = ("red", "blue", "green", "yellow", "purple")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: a second thread only adds hand-off waits on the busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +211,17 @@ def test_cheating_scorer_is_perfect_and_constant_scorer_is_chance(pipe, video, t
     rows, metrics, _ = mc_core.evaluate(pipe, qs, tmp_path / "constant", batch_size=5)
     assert [r["pred"] for r in rows] == [0] * 10  # all tied → A
     assert metrics["accuracy"] == pytest.approx(0.2) and metrics["num_scored"] == 10
+
+
+def test_text_only_control_asks_without_clips(pipe, video, tmp_path, monkeypatch):
+    seen = []
+    counting(monkeypatch, lambda m, reqs, b: seen.extend(r.clip_tokens.shape[0] for r in reqs) or [0.0] * len(reqs))
+    rows, _, _ = mc_core.evaluate(pipe, questions(video)[:2], tmp_path / "text", batch_size=5, text_only=True)
+    assert seen == [0] * 10 and all(r["status"] == "ok" for r in rows)
+    assert json.loads((tmp_path / "text" / "settings.json").read_text())["text_only"] is True
+    # The same question with its video is a different setting: a resumed run must not mix them.
+    with pytest.raises(ValueError, match="text_only"):
+        mc_core.evaluate(pipe, questions(video)[:2], tmp_path / "text", batch_size=5)
 
 
 def test_resume_skips_done_questions(pipe, video, tmp_path, monkeypatch):

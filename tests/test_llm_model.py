@@ -18,14 +18,7 @@ D = 32  # tiny token_dim
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These ops are tiny ((2, 156, 128) activations): with a second thread each op waits on
-    # thread hand-offs, 10-20× slower when the 2-core machine is busy. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ Q = tt.NUM_QUERY_TOKENS
 SIDE = 32  # tiny de-tokenizer frame size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops: a second thread only adds hand-off waits on the busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +208,10 @@ def test_missing_and_incompatible_checkpoints(run_dir, tmp_path):
     for stage in ("llm_pretrain", "llm_sft_gen"):
         (tmp_path / "runs" / stage / "final").mkdir(parents=True)
     assert pl.find_checkpoint(roots=[tmp_path]) == (tmp_path / "runs/llm_sft_gen/final").resolve()
+    (tmp_path / "runs" / "llm_sft_comp" / "final").mkdir(parents=True)
+    assert pl.find_checkpoint(roots=[tmp_path]) == (tmp_path / "runs/llm_sft_comp/final").resolve()
+    video_first = pl.find_checkpoint(roots=[tmp_path], candidates=pl.GENERATION_CHECKPOINTS)
+    assert video_first == (tmp_path / "runs/llm_sft_gen/final").resolve()
     bad = tmp_path / "bad"
     shutil.copytree(run_dir / "llm", bad)
     (bad / "pipeline.json").unlink()

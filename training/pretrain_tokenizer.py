@@ -105,12 +105,7 @@ def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
 
 def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     out = Path(cfg.output_dir)
-    accelerator = runtime.make_accelerator(mixed_precision=cfg.mixed_precision, log_dir=out / "tb",
-                                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                           micro_batch_size=cfg.batch_size, grad_clip=cfg.grad_clip)
-    runtime.setup_logging(accelerator)
-    runtime.seed_everything(cfg.seed)
-    runtime.log_resolved_config(accelerator, cfglib.to_dict(cfg), out)
+    accelerator = runtime.start_run(cfg, out)
     model = TokenizerAutoencoder(DivotTokenizer(cfg.tokenizer), DivotDetokenizer(cfg.detokenizer))
     if cfg.gradient_checkpointing:
         model.detokenizer.unet.enable_gradient_checkpointing()

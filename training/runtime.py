@@ -43,6 +43,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+from divot import config as cfglib
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -431,3 +433,16 @@ def unwrap_for_save(accelerator: Accelerator, model) -> tuple[torch.nn.Module, d
     module = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model, unwrap=True)
     return module, (state_dict or {})
+
+
+def start_run(cfg, output_dir: str | os.PathLike) -> Accelerator:
+    """The common start of every training script: the accelerator (from ``cfg``'s
+    ``mixed_precision``, ``gradient_accumulation_steps``, ``batch_size``, ``grad_clip``),
+    logging, seeding with ``cfg.seed``, and the resolved config saved and logged."""
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, log_dir=Path(output_dir) / "tb",
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                   micro_batch_size=cfg.batch_size, grad_clip=cfg.grad_clip)
+    setup_logging(accelerator)
+    seed_everything(cfg.seed)
+    log_resolved_config(accelerator, cfglib.to_dict(cfg), output_dir)
+    return accelerator

@@ -169,12 +169,7 @@ def export(model, accelerator, cfg: LLMTrainConfig) -> list[Path]:
 
 def train(cfg: LLMTrainConfig, resume: bool) -> None:
     out, start = Path(cfg.output_dir), time.time()
-    accelerator = runtime.make_accelerator(mixed_precision=cfg.mixed_precision, log_dir=out / "tb",
-                                           gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                           micro_batch_size=cfg.batch_size, grad_clip=cfg.grad_clip)
-    runtime.setup_logging(accelerator)
-    runtime.seed_everything(cfg.seed)
-    runtime.log_resolved_config(accelerator, cfglib.to_dict(cfg), out)
+    accelerator = runtime.start_run(cfg, out)
     model = build_model(cfg)
     collator = build_collator(cfg, model, build_features(cfg, accelerator.device))
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
