@@ -162,14 +162,16 @@ def main(argv=None) -> dict:
         pipe = mc_core.load_pipeline(args)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    out_dir = Path(args.output_dir or f"runs/eval/egoschema_{args.mode}" + ("_text_only" if args.text_only else ""))
+    out_dir = Path(args.output_dir or f"runs/eval/egoschema_{args.mode}"
+                   + ("_text_only" if args.text_only else ""))
     print(f"EgoSchema ({layout} layout, {source}): {len(selected)} of {len(questions)} questions, "
           f"mode {args.mode}, up to {args.max_clips} clips per video → {out_dir}")
     settings = mc_core.run_settings(pipe, args.mode, args.max_new_tokens, text_only=args.text_only,
                                     data=str(source.resolve()))
     try:
         rows, metrics, resumed = mc_core.evaluate(pipe, selected, out_dir, mode=args.mode, batch_size=args.batch_size,
-                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens, settings=settings)
+                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens,
+                                                  settings=settings)
     except ValueError as exc:  # results of other settings in out_dir
         sys.exit(f"error: {exc}")
     submission, filled = make_submission(questions, rows, args.unanswered_fill)

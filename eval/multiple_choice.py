@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
                                     data=str(Path(args.data).resolve()))
     try:
         rows, metrics, resumed = mc_core.evaluate(pipe, selected, out_dir, mode=args.mode, batch_size=args.batch_size,
-                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens, settings=settings)
+                                                  text_only=args.text_only, max_new_tokens=args.max_new_tokens,
+                                                  settings=settings)
     except ValueError as exc:  # results of other settings in out_dir
         sys.exit(f"error: {exc}")
     result = {**metrics, "num_resumed": resumed, "data": str(args.data), "limit": args.limit,

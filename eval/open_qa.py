@@ -176,22 +176,26 @@ def main(argv=None) -> dict:
         pipe = mc_core.load_pipeline(args)
     except CheckpointError as exc:
         sys.exit(f"error: {exc}")
-    out_dir = Path(args.output_dir or f"runs/eval/open_qa_{Path(args.data).stem}")
+    out_dir = Path(args.output_dir or f"runs/eval/open_qa_{Path(args.data).stem}"
+                   + ("_text_only" if args.text_only else ""))
     print(f"open-ended QA ({args.data}): {len(selected)} of {len(questions)} questions, checkpoint "
           f"{pipe.checkpoint} → {out_dir}")
-    settings = mc_core.run_settings(pipe, "generate", args.max_new_tokens, data=str(Path(args.data).resolve()),
+    settings = mc_core.run_settings(pipe, "generate", args.max_new_tokens, text_only=args.text_only,
+                                    data=str(Path(args.data).resolve()),
                                     prompt="{question}" + (f"\n{args.instruction}" if args.instruction else ""))
     try:
         check_settings(out_dir / "settings.json", settings)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    log, tokens_of = ResultLog(out_dir / "results.jsonl"), mc_core.VideoTokens(pipe)
+    log = ResultLog(out_dir / "results.jsonl")
+    tokens_of = mc_core.NoVideo(pipe) if args.text_only else mc_core.VideoTokens(pipe)
     rows, resumed = mc_core.run_questions(
         selected, lambda qs: answer_open(pipe.model, qs, tokens_of, args.max_new_tokens, args.instruction),
         log, 1, desc="open QA")
     if judge is not None:
         rows = apply_judge(judge, args.judge, selected, rows, log)
-    result = {**summarize_open(rows, judge is not None), "judge": args.judge, "num_resumed": resumed,
+    result = {**summarize_open(rows, judge is not None), "judge": args.judge, "text_only": args.text_only,
+              "num_resumed": resumed,
               "data": str(args.data), "checkpoint": str(pipe.checkpoint),
               "prompt_example": mc_core.prompt_example(pipe.model, selected[0].question if not args.instruction
                                                        else f"{selected[0].question}\n{args.instruction}"),

@@ -40,7 +40,11 @@ def main(argv=None) -> None:
         # Does the de-tokenizer's own resampler still pass its input on? Its context for very
         # different (random) token sets; a spread near 0 means the condition path has closed.
         probe = torch.randn(4, *tokens.shape[1:], generator=torch.Generator().manual_seed(args.seed))
-        print(f"context spread across random token sets {det.context(probe).std(0).mean():.4f}")
+        with torch.random.fork_rng():  # leaves the draws below as they were
+            torch.manual_seed(args.seed)
+            fresh = type(det)(det.config).eval()  # same config, initial weights: the open reference
+        print(f"context spread across random token sets {det.context(probe).std(0).mean():.4f} "
+              f"(freshly initialised de-tokenizer: {fresh.context(probe).std(0).mean():.4f})")
     x0 = det.to_x(video)
     black = ((-1 - x0) ** 2).mean().item()
     b, f = x0.shape[:2]

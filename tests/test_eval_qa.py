@@ -350,3 +350,8 @@ def test_open_qa_script_exact_match_and_judge(run_dir, video, tmp_path, capsys, 
         open_qa.main(argv + ["--judge", "my_judge:bad"])
     with pytest.raises(SystemExit, match="no function 'nope'"):
         open_qa.main(argv + ["--judge", "my_judge:nope"])
+    clips = []
+    monkeypatch.setattr(mc_core, "generate_reply", lambda m, p, tokens, *a, **k: clips.append(len(tokens)) or "two")
+    text_only = open_qa.main(argv[:-1] + [str(tmp_path / "text"), "--text-only"])
+    # The control asks even the question whose video is missing, and never with clips.
+    assert text_only["text_only"] and clips == [0, 0, 0] and text_only["num_missing_video"] == 0

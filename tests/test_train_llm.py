@@ -113,7 +113,8 @@ def test_stage_defaults_and_mixture():
     assert list(sources) == ["qa"] and sources["qa"][0]["task"] == "qa"
 
 
-def test_example_configs_resolve_for_every_stage():
+def test_example_configs_resolve_for_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/llm_pretrain/merged here, whatever the checkout holds
     for path in sorted((REPO / "training" / "configs").glob("llm_*.yaml")):
         for stage in ("pretrain", "sft-comp", "sft-gen"):
             data = cfglib.merge(cfglib.load_yaml(path), {"stage": stage})
