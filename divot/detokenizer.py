@@ -17,6 +17,7 @@ Axes: b = batch, f = frames, c = channels, h, w = height, width, n = tokens, d =
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from divot import diffusion
+from divot import conditioning, diffusion
 from divot.modeling import PretrainedMixin
 from divot.resampler import PerceiverResampler
 from divot.unet import UNetConfig, VideoUNet
@@ -51,8 +52,12 @@ class DetokenizerConfig:
     vae_scale: float = 0.18215
     latent_channels: int = 4
     vae_downsample: int = 8
+    vae_decode_batch: int = 16  # frames per VAE decoder call (bounds its activation memory)
     unet: UNetConfig = field(default_factory=UNetConfig)
     noise: diffusion.NoiseConfig = field(default_factory=diffusion.NoiseConfig)
+    # A distilled one-step generator (training/distill_detokenizer.py, after SF-V): decode()
+    # then always runs one evaluation from pure noise, without classifier-free guidance.
+    one_step: bool = False
 
     @property
     def x_channels(self) -> int:
@@ -86,6 +91,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         self.register_buffer("null_tokens", torch.zeros(1, config.num_tokens, config.token_dim))
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod(config.noise), persistent=False)
         self.vae = self._load_vae() if config.space == "latent" and config.vae_path else None
+        self.register_state_dict_post_hook(self._drop_external_keys)
+        self.register_load_state_dict_post_hook(self._forgive_external_missing)
 
     def _load_vae(self):
         from diffusers import AutoencoderKL
@@ -109,17 +116,19 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         return rearrange(z * cfg.vae_scale, "(b f) c h w -> b f c h w", b=b).float()
 
     def from_x(self, x: torch.Tensor) -> torch.Tensor:
-        """Diffusion space → frames (b, f, 3, H, W) in [-1, 1]; the VAE decodes frame by frame."""
+        """Diffusion space → frames (b, f, 3, H, W) in [-1, 1]. The image VAE decodes each frame
+        on its own; ``vae_decode_batch`` frames (of any clips) go through it per call."""
         cfg = self.config
         if cfg.space == "pixel":
             p = cfg.pixel_patch
             return rearrange(x, "b f (c p1 p2) h w -> b f c (h p1) (w p2)", p1=p, p2=p).clamp(-1, 1)
-        frames = [self.vae.decode((x[:, i] / cfg.vae_scale).to(self.vae.dtype)).sample for i in range(x.shape[1])]
-        return torch.stack(frames, dim=1).float().clamp(-1, 1)
+        z = rearrange(x / cfg.vae_scale, "b f c h w -> (b f) c h w").to(self.vae.dtype)
+        frames = torch.cat([self.vae.decode(chunk).sample for chunk in z.split(cfg.vae_decode_batch)])
+        return rearrange(frames, "(b f) c h w -> b f c h w", b=x.shape[0]).float().clamp(-1, 1)
 
     # --- model ------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.image_proj_model(tokens)
+        return self.image_proj_model(tokens.to(self.image_proj_model.proj_in.weight.dtype))
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """v-prediction for noisy ``x_t`` (b, f, c, h, w) at per-frame ``timesteps`` (b, f)."""
@@ -140,20 +149,25 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         x0 = c_skip * x_t + c_out * self.unet(c_in * x_t, t, context)
         return diffusion.v_from_x0(x_t, x0, t, self.alphas_cumprod)
 
-    def _loss(self, x_t, t, tokens, x0, noise) -> torch.Tensor:
+    def _loss(self, x_t, t, tokens, x0, noise, frame_mask=None) -> torch.Tensor:
         cfg = self.config.noise
+        context = self.context(tokens)
         if cfg.parameterization == "v":
-            return diffusion.v_loss(self(x_t, t, tokens), x0, noise, t, self.alphas_cumprod)
+            return diffusion.v_loss(self.predict_v(x_t, t, context), x0, noise, t, self.alphas_cumprod, frame_mask)
         # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out.
         c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
-        raw = self.unet(c_in * x_t, t, self.context(tokens))
-        return (raw.float() - (x0 - c_skip * x_t) / c_out).pow(2).mean()
+        raw = self.unet(c_in * x_t, t, context)
+        return conditioning.masked_frame_mean((raw.float() - (x0 - c_skip * x_t) / c_out).pow(2), frame_mask)
 
     def training_loss(self, video: torch.Tensor, tokens: torch.Tensor, cond_dropout: float = 0.0,
                       per_frame_prob: float = 0.0, generator: torch.Generator | None = None,
-                      timestep_shift: float = 1.0) -> torch.Tensor:
+                      timestep_shift: float = 1.0, known_frames_prob: float = 0.0,
+                      task_mix: conditioning.TaskMix | None = None,
+                      known_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Denoising loss (v-MSE, DESIGN.md §3, or its EDM form); ``cond_dropout`` swaps tokens for
-        the grey-clip tokens."""
+        the grey-clip tokens. Known frames (UniCon, DESIGN.md §6): a share ``known_frames_prob``
+        of clips gets a task mask from ``task_mix`` (or ``known_mask`` (b, f) is used as given);
+        known frames enter clean at timestep 0 and are left out of the loss."""
         x0 = self.to_x(video)
         b, f = x0.shape[:2]
         if cond_dropout > 0:
@@ -163,15 +177,36 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                                        generator=generator, device=x0.device, shift=timestep_shift)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = diffusion.q_sample(x0, noise, t, self.alphas_cumprod)
-        return self._loss(x_t, t, tokens, x0, noise)
+        if known_mask is None and known_frames_prob > 0:
+            known_mask = conditioning.draw_task_masks(b, f, known_frames_prob, task_mix, generator, x0.device)
+        if known_mask is None:
+            return self._loss(x_t, t, tokens, x0, noise)
+        known_mask = known_mask.to(x0.device).expand(b, f)
+        t, x_t = conditioning.clean_known(t, x_t, x0, known_mask)
+        return self._loss(x_t, t, tokens, x0, noise, frame_mask=~known_mask)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, steps: int = 50, guidance_scale: float = 7.5,
                guidance_rescale: float = 0.7, sampler: str = "ddim", generator: torch.Generator | None = None,
-               num_frames: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Sample a clip (b, f, 3, H, W) in [-1, 1] from tokens (b, n, d) (DESIGN.md §3 defaults)."""
+               num_frames: int | None = None, callback: Callable[[int, int], None] | None = None,
+               known_frames=None, known_method: str = "clean", guidance_weight: float = 2.0) -> torch.Tensor:
+        """Sample a clip (b, f, 3, H, W) in [-1, 1] from tokens (b, n, d) (DESIGN.md §3 defaults).
+
+        ``known_frames`` fixes frames (image-to-video, prediction, interpolation, extension):
+        {frame index: (3, H, W) or (b, 3, H, W)} or (mask (f,) or (b, f), video (b, f, 3, H, W)),
+        in [-1, 1]. ``known_method`` "clean" (UniCon), "replacement" or "guidance" (VDM, weight
+        w_r = ``guidance_weight``) says how the sampler honours them (:mod:`divot.conditioning`).
+        """
         cfg = self.config
+        if cfg.one_step and (steps != 1 or guidance_scale != 1.0):
+            logger.info("one-step de-tokenizer: decoding with 1 step and no guidance (asked: %d steps, "
+                        "guidance %.1f)", steps, guidance_scale)
+            steps, guidance_scale = 1, 1.0
         b, f = tokens.shape[0], num_frames or cfg.num_frames
+        known = None
+        if known_frames is not None:  # checked before any model work
+            conditioning.check_method(known_method, guidance_weight)
+            known = conditioning.normalize_known_frames(known_frames, b, f, cfg.frame_size)
         sched = diffusion.make_sampler(cfg.noise, sampler)
         sched.set_timesteps(steps, device=tokens.device)
         shape = (b, f, cfg.x_channels, cfg.x_size, cfg.x_size)
@@ -179,30 +214,41 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         cond = self.context(tokens)
         # Stochastic samplers take the generator; deterministic ones (UniPC) have no such argument.
         step_kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
-        use_cfg = guidance_scale != 1.0
-        if use_cfg:
+        if guidance_scale != 1.0:
             uncond = self.context(self.null_tokens.to(tokens.dtype).expand_as(tokens))
             cond = torch.cat([cond, uncond])
+        v_fn = functools.partial(self._guided_v, cond=cond, scale=guidance_scale, rescale=guidance_rescale)
+        if known is not None:
+            mask, x_a = known.mask.to(x.device), self.to_x(known.video.to(x.device, x.dtype))
         for i, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
-            x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
             ts = torch.full(x_in.shape[:2], int(t), device=x.device, dtype=torch.long)
-            v = self.predict_v(x_in, ts, cond)
-            if use_cfg:
-                v_c, v_u = v.chunk(2)
-                v = diffusion.guided(v_c, v_u, guidance_scale, guidance_rescale)
+            if known is None:
+                v = v_fn(x_in, ts)
+            else:
+                v = conditioning.known_frames_v(v_fn, x_in, ts, mask, x_a, known_method, self.alphas_cumprod,
+                                                guidance_weight, generator)
             x = sched.step(v, t, x, **step_kw).prev_sample
             if callback is not None:
                 callback(i + 1, steps)
-        return self.from_x(x)
+        return self.from_x(x if known is None else conditioning.paste_known(x, x_a, mask))
 
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return type(state)((k, v) for k, v in state.items()
-                           if not any(k.startswith(prefix + p) for p in self.external_prefixes))
+    def _guided_v(self, x_in: torch.Tensor, ts: torch.Tensor, cond: torch.Tensor, scale: float,
+                  rescale: float) -> torch.Tensor:
+        """v at ``x_in``; with classifier-free guidance (``scale`` ≠ 1) ``cond`` is [cond; uncond]."""
+        if scale == 1.0:
+            return self.predict_v(x_in, ts, cond)
+        v_c, v_u = self.predict_v(torch.cat([x_in, x_in]), torch.cat([ts, ts]), cond).chunk(2)
+        return diffusion.guided(v_c, v_u, scale, rescale)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.vae is not None:
-            state_dict = dict(state_dict, **{"vae." + k: v for k, v in self.vae.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    # The VAE is left out of every state dict, also when this module sits inside another
+    # (the training wrapper, accelerate's gather): hooks run at any depth, an override would not.
+    @staticmethod
+    def _drop_external_keys(module, state_dict, prefix, local_metadata) -> None:
+        for key in [k for k in state_dict if any(k.startswith(prefix + p) for p in module.external_prefixes)]:
+            del state_dict[key]
+
+    @staticmethod
+    def _forgive_external_missing(module, incompatible_keys) -> None:
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not any(k.startswith(p) or f".{p}" in k for p in module.external_prefixes)]

@@ -111,6 +111,8 @@ def _sample_object(rng: np.random.Generator, color: str, shape: str, num_frames:
     ux, uy = _UNIT[direction]
     lo_x, hi_x = size + max(0.0, -ux * travel), CANVAS - size - max(0.0, ux * travel)
     lo_y, hi_y = size + max(0.0, -uy * travel), CANVAS - size - max(0.0, uy * travel)
+    # A capped speed uses the whole room: rounding may leave hi a hair below lo.
+    hi_x, hi_y = max(hi_x, lo_x), max(hi_y, lo_y)
     return ShapeObject(shape, color, direction, float(rng.uniform(lo_x, hi_x)),
                        float(rng.uniform(lo_y, hi_y)), size, speed)
 

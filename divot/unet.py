@@ -203,7 +203,9 @@ class VideoUNet(nn.Module):
         b, f = sample.shape[:2]
         if f > self.cfg.num_frames:
             raise ValueError(f"{f} frames given; the U-Net was built for at most {self.cfg.num_frames}")
-        x = self.conv_in(rearrange(sample, "b f c h w -> (b f) c h w"))
+        # Inputs follow the weights (DeepSpeed bf16 casts the module, never its inputs).
+        x = self.conv_in(rearrange(sample.to(self.conv_in.weight.dtype), "b f c h w -> (b f) c h w"))
+        context = context.to(x.dtype)
         temb = self.time_embed(timesteps, b, f, x.dtype)
         temb = temb + self.context_embedding(context.mean(dim=1)).repeat_interleave(f, dim=0)
         ctx = context.repeat_interleave(f, dim=0)  # every frame attends to its clip's context

@@ -105,7 +105,9 @@ class ViTFeatures(nn.Module):
         if frames.shape[-2:] != (size, size):
             frames = F.interpolate(frames, size=(size, size), mode="bicubic", align_corners=False,
                                    antialias=True)
-        x = ((frames + 1) / 2 - self.mean) / self.std
+        x = ((frames.float() + 1) / 2 - self.mean) / self.std
+        # Inputs follow the weights (DeepSpeed bf16 casts the module, never its inputs).
+        x = x.to(self.model.patch_embed.proj.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
             m = self.model
             x = m.patch_embed(x)

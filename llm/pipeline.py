@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from divot.detokenizer import DivotDetokenizer
+from divot.long_video import DEFAULT_OVERLAP, clips_needed, extend_video
 from divot.modeling import CheckpointError
 from divot.tokenizer import DivotTokenizer
 from divot.video_io import CLIP_FPS, CLIP_FRAMES, to_uint8
@@ -50,7 +51,8 @@ DEFAULT_MAX_CLIPS = 8  # per video at inference (training reads up to 4)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _GENERATION_PREFIX = GENERATION_INSTRUCTION.split("{caption}")[0]  # "Generate a video of "
 # Keywords that only matter once the model writes a video (chat) — see DivotPipeline._video.
-VIDEO_OPTIONS = ("steps", "guidance_scale", "guidance_rescale", "sampler", "variance_scale", "use_mean", "callback")
+VIDEO_OPTIONS = ("steps", "guidance_scale", "guidance_rescale", "sampler", "variance_scale", "use_mean", "callback",
+                 "seconds", "overlap", "known_method", "guidance_weight")
 _TRAIN_HINT = ("train one first:\n"
                "  accelerate launch training/pretrain_tokenizer.py          # the Divot tokenizer\n"
                "  accelerate launch training/train_llm.py --stage pretrain\n"
@@ -154,6 +156,15 @@ def load(checkpoint: str | os.PathLike | None = None, *, tokenizer: str | os.Pat
                          missing_detokenizer=missing, device=device, checkpoint=ckpt)
 
 
+def _seconds_to_frames(seconds: float | None) -> int | None:
+    """Frames at 8 fps for a requested length (None: one clip as the model makes it)."""
+    if seconds is None:
+        return None
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    return max(1, round(seconds * CLIP_FPS))
+
+
 # ------------------------------------------------------------------ the pipeline
 class DivotPipeline:
     """A loaded Divot-LLM (``model``), Divot ``tokenizer`` and ``detokenizer`` (may be None).
@@ -236,18 +247,29 @@ class DivotPipeline:
     def _video(self, prompt: EncodedPrompt, clip_tokens: torch.Tensor, text: str,
                generators: tuple, steps: int = 25, guidance_scale: float = 3.0, guidance_rescale: float = 0.7,
                sampler: str = "ddim", variance_scale: float | None = None, use_mean: bool = False,
-               callback: Callable[[int, int], None] | None = None) -> GeneratedVideo:
-        """Query block after ``prompt`` (ending at or before ``<vid>``) → GMM → tokens → frames."""
+               callback: Callable[[int, int], None] | None = None, seconds: float | None = None,
+               overlap: int = DEFAULT_OVERLAP, known_method: str = "guidance",
+               guidance_weight: float = 2.0) -> GeneratedVideo:
+        """Query block after ``prompt`` (ending at or before ``<vid>``) → GMM → tokens → frames.
+        Longer than one clip (``seconds``): one GMM sample per clip, joined by
+        :func:`divot.long_video.extend_video` (each clip continues the last ``overlap`` frames)."""
         detok = self._require_detokenizer()
         self._room(prompt, 0, needed=self.model.config.num_query_tokens + 2)
+        num_frames = _seconds_to_frames(seconds)
+        num_clips = 1 if num_frames is None else clips_needed(num_frames, detok.config.num_frames, overlap)
         llm_gen, detok_gen = generators
-        tokens = self.model.generate_video_tokens(
+        tokens = torch.stack([self.model.generate_video_tokens(
             prompt.input_ids, prompt.clip_mask, clip_tokens, variance_scale=variance_scale, use_mean=use_mean,
-            generator=llm_gen, query_mask=prompt.query_mask)
-        frames = detok.decode(tokens[None].to(self.device, torch.float32), steps=steps, guidance_scale=guidance_scale,
-                              guidance_rescale=guidance_rescale, sampler=sampler, generator=detok_gen,
-                              callback=callback)
-        return GeneratedVideo(frames=to_uint8(frames[0]), tokens=tokens.float().cpu(), fps=CLIP_FPS, text=text)
+            generator=llm_gen, query_mask=prompt.query_mask) for _ in range(num_clips)])
+        decode_kw = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                         sampler=sampler, generator=detok_gen, callback=callback)
+        if num_clips == 1:
+            tokens = tokens[0]
+            frames = detok.decode(tokens[None].to(self.device, torch.float32), **decode_kw)[0]
+        else:
+            frames = extend_video(detok, tokens, overlap, known_method, guidance_weight=guidance_weight, **decode_kw)
+        frames = frames if num_frames is None else frames[:num_frames]
+        return GeneratedVideo(frames=to_uint8(frames), tokens=tokens.float().cpu(), fps=CLIP_FPS, text=text)
 
     def _reply(self, conversation: Conversation, message: str, videos, *, allow_video: bool,
                max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -299,12 +321,21 @@ class DivotPipeline:
                        steps: int = 25, guidance_scale: float = 3.0, guidance_rescale: float = 0.7,
                        sampler: str = "ddim", variance_scale: float | None = None, use_mean: bool = False,
                        output: str | os.PathLike | None = None,
-                       callback: Callable[[int, int], None] | None = None) -> GeneratedVideo:
+                       callback: Callable[[int, int], None] | None = None, seconds: float | None = None,
+                       overlap: int = DEFAULT_OVERLAP, known_method: str = "guidance",
+                       guidance_weight: float = 2.0) -> GeneratedVideo:
         """A 2-second video of ``prompt``, asked as in training (``Generate a video of …``)
         with ``<vid>`` forced. ``variance_scale`` (default the model's, 0.1) scales the GMM
         sampling variance, ``use_mean`` takes the mixture mean instead; the de-tokenizer then
-        runs ``steps`` of ``sampler`` with classifier-free guidance. ``output`` saves it."""
+        runs ``steps`` of ``sampler`` with classifier-free guidance. ``output`` saves it.
+
+        ``seconds`` (default None: one 2-second clip) asks for a longer (or shorter) video at
+        8 fps: the GMM is sampled once per 2-second clip and each clip after the first
+        continues the last ``overlap`` frames of the one before, by ``known_method``
+        ("guidance": VDM reconstruction guidance with weight ``guidance_weight``;
+        "replacement"; "clean"). ``tokens`` is then (clips, n, d)."""
         self._require_detokenizer()
+        _seconds_to_frames(seconds)  # a bad length fails before any model work
         text = prompt.strip()
         if not text.lower().startswith(_GENERATION_PREFIX.lower()):
             text = GENERATION_INSTRUCTION.format(caption=text)
@@ -314,7 +345,8 @@ class DivotPipeline:
         self._room(encoded, 0, needed=self.model.config.num_query_tokens + 2)  # before any model work
         video = self._video(encoded, self.tokenize(pixels), "", self._generators(seed), steps=steps,
                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
-                            variance_scale=variance_scale, use_mean=use_mean, callback=callback)
+                            variance_scale=variance_scale, use_mean=use_mean, callback=callback, seconds=seconds,
+                            overlap=overlap, known_method=known_method, guidance_weight=guidance_weight)
         if output is not None:
             video.save(output)
         return video

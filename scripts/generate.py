@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Generate a 2-second video from a text prompt with Divot-LLM and its de-tokenizer.
+"""Generate a video (2 seconds, or --seconds N) from a text prompt with Divot-LLM and its de-tokenizer.
 
     python scripts/generate.py "a red circle moves to the left" -o out.mp4
         [--checkpoint DIR] [--seed N] [--steps 25] [--guidance-scale 3.0] [--gif]
+        [--seconds 8 --known-method guidance --overlap 4 --guidance-weight 2.0]
 
 The prompt is asked as in training ("Generate a video of …"). Prints where it wrote.
 """
@@ -39,9 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variance-scale", type=float, default=None,
                         help="GMM sampling variance scale (default: the model's, 0.1)")
     parser.add_argument("--use-mean", action="store_true", help="take the GMM mixture mean instead of sampling")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="video length; beyond 2 s each further clip continues the previous one (default: 2)")
+    parser.add_argument("--overlap", type=int, default=4, help="frames each further clip continues (--seconds)")
+    parser.add_argument("--known-method", default="guidance", choices=["guidance", "replacement", "clean"],
+                        help="how a further clip keeps the overlap frames (--seconds; default guidance)")
+    parser.add_argument("--guidance-weight", type=float, default=2.0, help="reconstruction guidance weight w_r")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.seconds is not None and args.seconds <= 0:
+        parser.error("--seconds must be > 0")
+    if not 0 <= args.overlap < 16:
+        parser.error("--overlap must be in [0, 16) frames (a clip has 16)")
     if args.gif:
         args.output = args.output.with_suffix(".gif")
     return args
@@ -55,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                     device=args.device, dtype=args.dtype)
         video = pipe.generate_video(args.prompt, seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                                     guidance_rescale=args.guidance_rescale, sampler=args.sampler,
-                                    variance_scale=args.variance_scale, use_mean=args.use_mean)
+                                    variance_scale=args.variance_scale, use_mean=args.use_mean, seconds=args.seconds,
+                                    overlap=args.overlap, known_method=args.known_method,
+                                    guidance_weight=args.guidance_weight)
     except (CheckpointError, PromptTooLongError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -141,7 +141,7 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
                         layers_per_block=1, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
     cfg = presets.detokenizer_config(
-        "tiny", space="latent", vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16,
+        "tiny", space="latent", vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16, vae_decode_batch=5,
         unet={"in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
               "attention_levels": [False, True], "norm_num_groups": 4})
     det = DivotDetokenizer(cfg)
@@ -156,6 +156,20 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
     assert not any(k.startswith("vae.") for k in load_file(str(tmp_path / "det" / "model.safetensors")))
     again = DivotDetokenizer.from_pretrained(tmp_path / "det")
     assert torch.equal(again.unet.conv_in.weight, det.unet.conv_in.weight)
+    # Nested (the training wrapper, accelerate's gather) the VAE stays out as well, and a
+    # strict load of the wrapper does not ask for it.
+    wrapper = torch.nn.ModuleDict({"detokenizer": det})
+    state = wrapper.state_dict()
+    assert state and not any(".vae." in k for k in state)
+    assert not torch.nn.ModuleDict({"detokenizer": again}).load_state_dict(state, strict=True).missing_keys
+    # Frames decode in chunks of 5 (across clips), each exactly as the VAE decodes it alone.
+    x = det.to_x(torch.rand(2, 16, 3, 16, 16) * 2 - 1)
+    with torch.no_grad():
+        alone = torch.stack([det.vae.decode(x[:, i] / cfg.vae_scale).sample for i in range(16)], 1)
+        torch.testing.assert_close(det.from_x(x), alone.clamp(-1, 1), rtol=1e-4, atol=1e-5)
+    # Weights in bf16 (DeepSpeed bf16 casts the model, not its inputs): fp32 clips still work.
+    det.to(torch.bfloat16)
+    assert torch.isfinite(det.training_loss(video, torch.randn(1, 64, 32))).all()
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler"])
@@ -199,3 +213,15 @@ def test_edm_parameterization_gives_exact_v_for_the_ideal_output(tiny):
     finally:
         det.unet = real
     assert torch.allclose(v, diffusion.v_target(x0, eps, t, acp), atol=1e-3)
+
+
+def test_bf16_weights_take_fp32_clips():
+    """DeepSpeed bf16 casts the modules, not their inputs: fp32 clips and tokens must still go in."""
+    torch.manual_seed(0)
+    tok = DivotTokenizer(presets.tokenizer_config("tiny")).to(torch.bfloat16)
+    det = DivotDetokenizer(presets.detokenizer_config("tiny")).to(torch.bfloat16)
+    video = torch.rand(2, 16, 3, 32, 32) * 2 - 1
+    tokens = tok(video)
+    assert tokens.dtype == torch.bfloat16 and torch.isfinite(tokens.float()).all()
+    loss = det.training_loss(video, tokens.float())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

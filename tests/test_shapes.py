@@ -258,3 +258,15 @@ def test_make_shapes_dataset_script(tmp_path):
         video = video_io.read_clip(tmp_path / "egoschema" / "videos" / f"{q['q_uid']}.mp4")
         assert video.shape == (16, 32, 32, 3)
         assert probe_agrees(probe_clip(video), ShapesWorld(seed=1).clip("test", int(q["q_uid"][-6:])))
+
+
+def test_long_clips_with_capped_speed_stay_on_canvas():
+    # 48 frames cap the speed so the path uses the whole room; rounding once made the
+    # start-position range empty (numpy: "high - low < 0").
+    world = ShapesWorld(num_frames=48)
+    for i in range(60):
+        clip = world.clip("test", i)
+        for obj in clip.objects:
+            for t in (0, 47):
+                x, y = obj.position(t)
+                assert obj.size - 1e-6 <= x <= 64 - obj.size + 1e-6 and obj.size - 1e-6 <= y <= 64 - obj.size + 1e-6

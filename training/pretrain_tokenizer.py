@@ -6,6 +6,9 @@
         training/pretrain_tokenizer.py preset=paper data.source=folder data.jsonl=webvid.jsonl \\
         tokenizer.vit.checkpoint=/weights/open_clip_vit_h14.bin detokenizer.vae_path=/weights/sd-vae
     ... --resume                                                     # continue after an interruption
+    accelerate launch training/pretrain_tokenizer.py --output-dir runs/tokenizer_temporal \\
+        init_from=runs/tokenizer detokenizer_trainable=temporal stage1.steps=0 stage2.steps=200
+                                    # temporal-only fine-tuning from a trained run (DESIGN.md §6)
 
 Stage 1 trains tokenizer + U-Net end to end; stage 2 freezes the tokenizer and
 fine-tunes the U-Net with 5% condition dropout. The run directory holds
@@ -29,13 +32,12 @@ from tqdm.auto import tqdm
 from divot import config as cfglib
 from divot import metrics
 from divot.data import VideoTextDataset, collate_videos
-from divot.detokenizer import DivotDetokenizer
+from divot.modeling import CheckpointError
 from divot.shapes import ShapesVideoDataset
-from divot.tokenizer import DivotTokenizer
 from divot.video_io import side_by_side, to_uint8, write_video
 from training import cli, runtime
-from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, expand_presets,
-                                      param_groups, stage_lambdas, stage_of)
+from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, build_model,
+                                      check_init_from, expand_presets, optimizer_groups, stage_of)
 
 logger = logging.getLogger("pretrain_tokenizer")
 
@@ -106,13 +108,14 @@ def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
 def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     out = Path(cfg.output_dir)
     accelerator = runtime.start_run(cfg, out)
-    model = TokenizerAutoencoder(DivotTokenizer(cfg.tokenizer), DivotDetokenizer(cfg.detokenizer))
+    model = build_model(cfg)  # fresh, or init_from's weights; frozen per detokenizer_trainable
     if cfg.gradient_checkpointing:
         model.detokenizer.unet.enable_gradient_checkpointing()
     logger.info("tokenizer %.2fM trainable params, de-tokenizer %.2fM", model.tokenizer.num_parameters(True) / 1e6,
                 model.detokenizer.num_parameters(True) / 1e6)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.stage1.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_lambdas(cfg))
+    groups, lambdas = optimizer_groups(model, cfg)  # trainable parameters only
+    optimizer = torch.optim.AdamW(groups, lr=cfg.stage1.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
     state = ckpt.load_latest(accelerator) if resume else None
@@ -147,7 +150,8 @@ def optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counte
         video = next_video(loader, counters, cache).to(accelerator.device, dtype)
         with accelerator.accumulate(model):
             loss, spread = model(video, train_tokenizer=stage == 1, cond_dropout=scfg.cond_dropout,
-                                 per_frame_prob=cfg.per_frame_prob, timestep_shift=scfg.timestep_shift)
+                                 per_frame_prob=cfg.per_frame_prob, timestep_shift=scfg.timestep_shift,
+                                 known_frames_prob=cfg.known_frames_prob, task_mix=cfg.known_frames_tasks)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -182,8 +186,9 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
         if step % cfg.log_every == 0 or step == total:
             lrs = scheduler.get_last_lr()
             clips = cfg.batch_size * gas * accelerator.num_processes * cfg.log_every
-            logs = {"loss": accelerator.reduce(loss, "mean").item(), "stage": stage, "lr/tokenizer": lrs[0],
-                    "lr/detokenizer": lrs[1], "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            logs = {"loss": accelerator.reduce(loss, "mean").item(), "stage": stage,
+                    "lr/tokenizer": lrs[0] if len(lrs) > 1 else 0.0, "lr/detokenizer": lrs[-1],  # frozen: no group
+                    "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
                     "data/corrupt_total": counters["corrupt"], "clips_per_s": clips / max(time.time() - t0, 1e-6),
                     "tokens/spread_across_clips": accelerator.reduce(spread, "mean").item()}
             t0 = time.time()
@@ -206,7 +211,8 @@ def main(argv=None) -> None:
     args, overrides = cli.parse(parser, argv)
     try:
         cfg = cli.resolve(TokenizerTrainConfig, args, overrides, expand=expand_presets)
-    except (cfglib.ConfigError, ValueError) as e:
+        check_init_from(cfg)
+    except (cfglib.ConfigError, ValueError, CheckpointError) as e:
         sys.exit(f"config error: {e}")
     if args.print_config:
         print(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))

@@ -432,7 +432,28 @@ def unwrap_for_save(accelerator: Accelerator, model) -> tuple[torch.nn.Module, d
     """
     module = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model, unwrap=True)
-    return module, (state_dict or {})
+    return module, _match_module_names(module, state_dict or {})
+
+
+def _match_module_names(module: torch.nn.Module, state_dict: dict) -> dict:
+    """The gathered weights under exactly the names of ``module.state_dict()``.
+
+    DeepSpeed's ZeRO-3 gather walks the parameters and buffers: it names a tensor registered
+    twice only once (diffusers' ``Downsample2D`` holds its conv as ``conv`` and ``Conv2d_0``),
+    and it ignores a module's own ``state_dict`` override (the de-tokenizer leaves its external
+    VAE out). Either way the export would not load strictly.
+    """
+    if not state_dict:
+        return state_dict
+    names: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    for group in names.values():
+        present = next((n for n in group if n in state_dict), None)
+        if present is not None:
+            for n in group:
+                state_dict.setdefault(n, state_dict[present])
+    return {k: state_dict[k] for k in module.state_dict() if k in state_dict}
 
 
 def start_run(cfg, output_dir: str | os.PathLike) -> Accelerator:

@@ -10,17 +10,27 @@ and keeps the DeepSpeed engine unchanged between stages.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from divot import config as cfglib
 from divot import presets
+from divot.conditioning import TaskMix
 from divot.detokenizer import DetokenizerConfig, DivotDetokenizer
+from divot.finetune import check_trainable, freeze_all_but_temporal
+from divot.modeling import WEIGHTS_NAME, CheckpointError, load_state_dict_strict
 from divot.tokenizer import DivotTokenizer, TokenizerConfig
+from training import runtime
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,16 @@ class TokenizerTrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str | None = None
     per_frame_prob: float = 0.0  # share of clips with independent per-frame noise levels
+    # UniCon task masks (DESIGN.md §6): share of clips whose known frames (image-to-video, prediction,
+    # interpolation, drawn from known_frames_tasks) enter clean at t = 0 and are left out of the loss.
+    known_frames_prob: float = 0.0
+    known_frames_tasks: TaskMix = field(default_factory=TaskMix)
     gradient_checkpointing: bool = False
+    # Start from a trained run: its tokenizer/ + detokenizer/, or one of its checkpoints/step_* dirs
+    # (model configs must match this run's). "temporal": only the de-tokenizer's temporal layers
+    # train, tokenizer and all else frozen (DESIGN.md §6, after "Frame by Familiar Frame").
+    init_from: str | None = None
+    detokenizer_trainable: Literal["all", "temporal"] = "all"
     log_every: int = 10
     save_every: int = 250
     keep_last: int = 2
@@ -112,12 +131,14 @@ class TokenizerAutoencoder(nn.Module):
         self.detokenizer = detokenizer
 
     def forward(self, video: torch.Tensor, train_tokenizer: bool = True, cond_dropout: float = 0.0,
-                per_frame_prob: float = 0.0, timestep_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                per_frame_prob: float = 0.0, timestep_shift: float = 1.0, known_frames_prob: float = 0.0,
+                task_mix: TaskMix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the loss and the tokens' spread across the batch (≈ 0 means collapsed tokens)."""
         with torch.set_grad_enabled(train_tokenizer and torch.is_grad_enabled()):
             tokens = self.tokenizer(video)
         loss = self.detokenizer.training_loss(video, tokens, cond_dropout=cond_dropout,
-                                              per_frame_prob=per_frame_prob, timestep_shift=timestep_shift)
+                                              per_frame_prob=per_frame_prob, timestep_shift=timestep_shift,
+                                              known_frames_prob=known_frames_prob, task_mix=task_mix)
         spread = tokens.detach().float().std(dim=0).mean() if tokens.shape[0] > 1 else tokens.new_zeros(())
         return loss, spread
 
@@ -204,3 +225,120 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # infinite stream; DataLoader only needs a number
         return 2 ** 62
+
+
+def optimizer_groups(model: TokenizerAutoencoder, cfg: TokenizerTrainConfig) -> tuple[list[dict], list]:
+    """:func:`param_groups` with their :func:`stage_lambdas`, leaving out a part with nothing to
+    train (the frozen tokenizer of temporal-only fine-tuning): the optimizer gets trainable
+    parameters only, and DeepSpeed ZeRO cannot flatten an empty group."""
+    pairs = [(g, f) for g, f in zip(param_groups(model, cfg.weight_decay), stage_lambdas(cfg)) if g["params"]]
+    return [g for g, _ in pairs], [f for _, f in pairs]
+
+
+# ------------------------------------------------------------------ starting from a trained run
+INIT_PATH_KEYS = ("vit.checkpoint", "vae_path")  # where local weights live: not part of the model
+_PARTS = {"tokenizer": TokenizerConfig, "detokenizer": DetokenizerConfig}
+
+
+def _is_run_dir(init: Path) -> bool:
+    return all((init / part / cfglib.CONFIG_NAME).is_file() for part in _PARTS)
+
+
+def init_model_configs(init: Path) -> dict[str, dict]:
+    """The tokenizer / de-tokenizer configs (plain dicts) a run directory or checkpoint was made with."""
+    if _is_run_dir(init):
+        saved = {part: json.loads((init / part / cfglib.CONFIG_NAME).read_text()) for part in _PARTS}
+        return {part: {k: v for k, v in data.items() if k != "_class"} for part, data in saved.items()}
+    if (init / WEIGHTS_NAME).is_file():
+        run_file = init.parent.parent / "config.yaml"  # RUN/checkpoints/step_*/ → RUN/config.yaml
+        if not run_file.is_file():
+            raise CheckpointError(f"init_from {init}: a training checkpoint, but its run's {run_file} is missing, "
+                                  "so its model configs cannot be checked")
+        run = cfglib.load_yaml(run_file)
+        return {part: run.get(part, {}) for part in _PARTS}
+    hint = (f"; it has checkpoints/: name one ({init}/checkpoints/step_…) or finish the run with --resume"
+            if (init / "checkpoints").is_dir() else "")
+    raise CheckpointError(f"init_from {init}: neither a run directory with tokenizer/ and detokenizer/ "
+                          f"(config.json + {WEIGHTS_NAME}) nor a training checkpoint with {WEIGHTS_NAME}{hint}")
+
+
+def check_init_from(cfg: TokenizerTrainConfig) -> None:
+    """Clear errors, before anything is built, for a bad ``detokenizer_trainable`` or an ``init_from``
+    that is missing or was trained with other model configs than ``cfg``'s."""
+    check_trainable(cfg.detokenizer_trainable)
+    if cfg.init_from is None:
+        return
+    init = Path(cfg.init_from)
+    if not init.is_dir():
+        raise CheckpointError(f"init_from {init}: no such directory")
+    saved, diffs = init_model_configs(init), []
+    for part, cls in _PARTS.items():
+        try:
+            theirs = runtime.flat_dict(cfglib.to_dict(cfglib.from_dict(cls, saved[part])))
+        except cfglib.ConfigError as e:
+            raise cfglib.ConfigError(f"init_from {init}: its {part} config does not load: {e}") from e
+        ours = runtime.flat_dict(cfglib.to_dict(getattr(cfg, part)))
+        diffs += [f"{part}.{k}: init {theirs.get(k)!r}, this run {ours.get(k)!r}"
+                  for k in sorted(set(theirs) | set(ours)) if k not in INIT_PATH_KEYS and theirs.get(k) != ours.get(k)]
+    if diffs:
+        raise cfglib.ConfigError(f"init_from {init} was trained with other model configs:\n  " + "\n  ".join(diffs)
+                                 + "\nset those keys to the init run's values (KEY=VALUE overrides, or a --config "
+                                 "YAML with its tokenizer/detokenizer sections: init_model_overrides)")
+
+
+def init_model_overrides(init: str | Path) -> dict[str, dict]:
+    """``{"tokenizer": {...}, "detokenizer": {...}}`` with every model field of an init run (fields added
+    since it was saved at their dataclass defaults): merged into a ``--config`` YAML, the resolved model
+    configs equal the run's whatever the presets say now."""
+    saved = init_model_configs(Path(init))
+    return {part: cfglib.to_dict(cfglib.from_dict(cls, saved[part])) for part, cls in _PARTS.items()}
+
+
+def _with_aliases(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus the names accelerate drops when it saves shared tensors once (diffusers'
+    ``Downsample2D`` registers one convolution as both ``conv`` and ``Conv2d_0``)."""
+    names_by_storage: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            names_by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    out = dict(state)
+    for names in names_by_storage.values():
+        saved = [n for n in names if n in state]
+        for name in names if saved else ():
+            out.setdefault(name, state[saved[0]])
+    return out
+
+
+def load_init(cfg: TokenizerTrainConfig) -> TokenizerAutoencoder:
+    """The joint model with ``cfg.init_from``'s weights (paths such as ``vae_path`` from ``cfg``)."""
+    check_init_from(cfg)
+    init = Path(cfg.init_from)
+    if _is_run_dir(init):
+        tokenizer = DivotTokenizer.from_pretrained(init / "tokenizer", vit=cfg.tokenizer.vit)
+        detokenizer = DivotDetokenizer.from_pretrained(init / "detokenizer", vae_path=cfg.detokenizer.vae_path)
+        model = TokenizerAutoencoder(tokenizer, detokenizer)
+    else:  # accelerate checkpoint: one file of tokenizer.* and detokenizer.* keys
+        model = TokenizerAutoencoder(DivotTokenizer(cfg.tokenizer), DivotDetokenizer(cfg.detokenizer))
+        state = load_file(str(init / WEIGHTS_NAME))
+        for part in _PARTS:  # per part: the de-tokenizer's own load_state_dict re-adds its VAE
+            own = {k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}
+            module = getattr(model, part)
+            load_state_dict_strict(module, _with_aliases(module, own), f"{init / WEIGHTS_NAME} ({part}.*)")
+    logger.info("initialised tokenizer and de-tokenizer from %s", init)
+    return model
+
+
+def build_model(cfg: TokenizerTrainConfig) -> TokenizerAutoencoder:
+    """The joint model: fresh or from ``init_from``; with ``detokenizer_trainable="temporal"`` the
+    tokenizer and every non-temporal de-tokenizer parameter are frozen (``requires_grad=False``)."""
+    check_trainable(cfg.detokenizer_trainable)
+    if cfg.init_from is None:
+        model = TokenizerAutoencoder(DivotTokenizer(cfg.tokenizer), DivotDetokenizer(cfg.detokenizer))
+    else:
+        model = load_init(cfg)
+    if cfg.detokenizer_trainable == "temporal":
+        model.tokenizer.requires_grad_(False)
+        trainable, total = freeze_all_but_temporal(model.detokenizer)
+        logger.info("temporal-only fine-tuning: tokenizer frozen, %.3fM of %.3fM de-tokenizer parameters train",
+                    trainable / 1e6, total / 1e6)
+    return model
