@@ -51,6 +51,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_run(checkpoint: Path, guidance_scale: float | None = None) -> tuple[VideoAutoencoder, float]:
+    """A tokenizer run's tokenizer + de-tokenizer, and the guidance scale to decode with (the
+    run's own unless given). Exits with a hint when there is no trained run there."""
+    try:
+        model = VideoAutoencoder.from_pretrained(checkpoint)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}\nTrain one first: accelerate launch training/pretrain_tokenizer.py")
+    if guidance_scale is None:
+        guidance_scale = float(run_config(checkpoint).get("guidance_scale", 7.5))
+    return model, guidance_scale
+
+
 def run_config(checkpoint: Path) -> dict:
     path = checkpoint / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
@@ -114,12 +126,7 @@ def real_report(model: VideoAutoencoder, args, out_dir: Path) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     ckpt = Path(args.checkpoint)
-    try:
-        model = VideoAutoencoder.from_pretrained(ckpt)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}\nTrain one first: accelerate launch training/pretrain_tokenizer.py")
-    if args.guidance_scale is None:
-        args.guidance_scale = float(run_config(ckpt).get("guidance_scale", 7.5))
+    model, args.guidance_scale = load_run(ckpt, args.guidance_scale)
     out_dir = Path(args.output_dir or ckpt / "reconstruction")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

@@ -39,11 +39,10 @@ from divot import metrics  # noqa: E402
 from divot.autoencoder import VideoAutoencoder  # noqa: E402
 from divot.conditioning import KNOWN_METHODS, TASKS, task_mask  # noqa: E402
 from divot.long_video import clips_needed, extend_video, join_continuity, join_indices  # noqa: E402
-from divot.modeling import CheckpointError  # noqa: E402
 from divot.probe import probe_agrees, probe_clip  # noqa: E402
 from divot.shapes import ShapesClip, ShapesWorld, render  # noqa: E402
 from divot.video_io import CLIP_FPS, to_tensor  # noqa: E402
-from eval.reconstruction import run_config  # noqa: E402
+from eval.reconstruction import load_run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,13 +159,7 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ckpt = Path(args.checkpoint)
-    try:
-        model = VideoAutoencoder.from_pretrained(ckpt)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}\nTrain one first: accelerate launch training/pretrain_tokenizer.py")
-    if args.guidance_scale is None:
-        args.guidance_scale = float(run_config(ckpt).get("guidance_scale", 7.5))
+    model, args.guidance_scale = load_run(Path(args.checkpoint), args.guidance_scale)
     torch.manual_seed(args.seed)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"settings": settings}

@@ -2,6 +2,9 @@
 import pytest
 import torch
 
+from divot.presets import tokenizer_config
+from divot.tokenizer import DivotTokenizer
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -15,3 +18,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny random Divot tokenizer, saved the way pretrain_tokenizer.py saves it (no de-tokenizer)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tokenizer_run") / "tokenizer"
+    DivotTokenizer(tokenizer_config("tiny")).save_pretrained(out)
+    return out

@@ -9,17 +9,12 @@ a checkpoint trained on a cluster. The ZeRO-2 runs live beside each script's own
 (tests/test_train_tokenizer.py, tests/test_train_llm.py).
 
 Cost: process start-up (torch, DeepSpeed, transformers imports in 2 processes) is a large
-part of each test's time, so the runs are as short as the scripts allow (2 steps, smallest
-batches). The launch uses the shipped file's DeepSpeed settings written out as a json with one
-addition, ``stage3_max_reuse_distance: 0``: DeepSpeed's default (1e9 elements) makes every
-parameter release scan all later modules of the recorded trace when a whole model is smaller
-than that distance, which is quadratic in the module count and made the tiny tokenizer's
-2 steps take minutes on 2 cores (the 7B and paper models are far larger than the distance, and
-the setting changes only when gathered parameters are freed, not what is computed).
+part of each test's time, so the runs are as short as the scripts allow (1–2 steps, smallest
+batches). The shipped CPU ZeRO-3 config sets ``stage3_max_reuse_distance: 0`` (see its
+comment): with DeepSpeed's default the tiny tokenizer's 2 steps took minutes on 2 cores.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -29,40 +24,19 @@ import pytest
 import torch
 import yaml
 
-from divot.presets import tokenizer_config
 from divot.tokenizer import DivotTokenizer
 from test_train_tokenizer import _env, _free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-ZERO3 = REPO / "training" / "configs" / "accelerate_cpu_zero3.yaml"
 
 
-def _zero3_config(directory: Path) -> Path:
-    """accelerate_cpu_zero3.yaml with its inline DeepSpeed settings moved to a json file, plus
-    ``stage3_max_reuse_distance: 0`` (see the module docstring)."""
-    acc = yaml.safe_load(ZERO3.read_text())
-    inline = acc.pop("deepspeed_config")
-    assert inline["zero_stage"] == 3 and acc.pop("mixed_precision") == "no"
-    ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "bf16": {"enabled": False}, "fp16": {"enabled": False},
-          "zero_optimization": {"stage": 3, "offload_optimizer": {"device": inline["offload_optimizer_device"]},
-                                "offload_param": {"device": inline["offload_param_device"]},
-                                "stage3_gather_16bit_weights_on_model_save": inline["zero3_save_16bit_model"],
-                                "stage3_max_reuse_distance": 0}}
-    (directory / "ds_zero3.json").write_text(json.dumps(ds))
-    acc["deepspeed_config"] = {"deepspeed_config_file": str(directory / "ds_zero3.json"),
-                               "zero3_init_flag": inline["zero3_init_flag"]}
-    (directory / "accelerate_zero3.yaml").write_text(yaml.safe_dump(acc))
-    return directory / "accelerate_zero3.yaml"
-
-
-def _launch_zero3(script: str, tmp_path: Path, *args: str, timeout: int = 600, stage: int = 3) -> Path:
+def _launch_run(script: str, tmp_path: Path, *args: str, timeout: int = 600, stage: int = 3) -> Path:
     """``accelerate launch`` ``script`` on 2 CPU processes under ZeRO-3 (or the shipped ZeRO-2
     CPU config with ``stage=2``); returns its run directory."""
     run = tmp_path / "run"
-    config = _zero3_config(tmp_path) if stage == 3 else REPO / "training" / "configs" / "accelerate_cpu_zero2.yaml"
+    config = REPO / "training" / "configs" / f"accelerate_cpu_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", "2", "--main_process_port", str(_free_port()), str(REPO / "training" / script),
            "--output-dir", str(run), *args]
@@ -85,7 +59,7 @@ def assert_zero3_run(run: Path, stage: int = 3) -> None:
 def test_tokenizer_zero3_two_process_run_loads_without_deepspeed(tmp_path):
     pytest.importorskip("deepspeed")
     # One step per stage: stage 2 (tokenizer frozen, run without grad) is sharded too.
-    run = _launch_zero3("pretrain_tokenizer.py", tmp_path, "batch_size=1", "stage1.steps=1", "stage2.steps=1",
+    run = _launch_run("pretrain_tokenizer.py", tmp_path, "batch_size=1", "stage1.steps=1", "stage2.steps=1",
                         "stage1.warmup_steps=1", "stage2.warmup_steps=1", "stage1.tokenizer_delay_steps=0",
                         "log_every=1", "sample_every=100", "sample_clips=1", "sample_steps=1")
     assert (run / "checkpoints" / "step_00000002" / "trainer_state.json").is_file()
@@ -102,19 +76,10 @@ def test_tokenizer_zero3_two_process_run_loads_without_deepspeed(tmp_path):
     assert video.shape == (1, 16, 3, 32, 32) and torch.isfinite(video).all()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A tiny random Divot tokenizer, saved the way pretrain_tokenizer.py saves it."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tokenizer_run") / "tokenizer"
-    DivotTokenizer(tokenizer_config("tiny")).save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
 def test_llm_zero3_two_process_run_loads_without_deepspeed(tmp_path, tokenizer_dir):
     pytest.importorskip("deepspeed")
-    run = _launch_zero3("train_llm.py", tmp_path, f"tokenizer_dir={tokenizer_dir}", "--stage", "pretrain",
+    run = _launch_run("train_llm.py", tmp_path, f"tokenizer_dir={tokenizer_dir}", "--stage", "pretrain",
                         "steps=2", "warmup_steps=1", "batch_size=1", "log_every=1", "data.feature_batch_size=8")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -145,7 +110,7 @@ def test_distillation_two_process_run_loads_without_deepspeed(tmp_path, tokenize
     torch.manual_seed(0)
     DivotDetokenizer(detokenizer_config("tiny")).save_pretrained(tmp_path / "teacher")
     # One discriminator and one generator update, each a phase of its own (ZeRO sees both groups).
-    run = _launch_zero3("distill_detokenizer.py", tmp_path, f"teacher_dir={tmp_path / 'teacher'}",
+    run = _launch_run("distill_detokenizer.py", tmp_path, f"teacher_dir={tmp_path / 'teacher'}",
                         f"tokenizer_dir={tokenizer_dir}", "batch_size=1", "log_every=1", "warmup_steps=1",
                         "--max-steps", "1", stage=stage)
     student = DivotDetokenizer.from_pretrained(run / "detokenizer")

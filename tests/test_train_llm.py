@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from divot import config as cfglib
-from divot.presets import tokenizer_config
-from divot.tokenizer import DivotTokenizer
 from test_train_tokenizer import _env, _free_port
 from training import train_llm
 from training.llm_setup import LLMTrainConfig, build_sources, expand_presets, pipeline_info
@@ -55,15 +53,6 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def _projector(directory: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(directory / name / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A tiny random Divot tokenizer, saved like pretrain_tokenizer.py saves it (no de-tokenizer)."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tokenizer_run") / "tokenizer"
-    DivotTokenizer(tokenizer_config("tiny")).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -264,10 +264,7 @@ def train(cfg: DistillTrainConfig, resume: bool) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, phase_lambdas(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
-    state = ckpt.load_latest(accelerator) if resume else None
-    if resume and state is None:
-        logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
-    step = int(state["step"]) if state else 0
+    state, step = ckpt.resume(accelerator, resume)
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     accelerator.init_trackers("distill_detokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))
     logs = loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters)

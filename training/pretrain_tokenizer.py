@@ -118,11 +118,8 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
-    state = ckpt.load_latest(accelerator) if resume else None
-    step = int(state["step"]) if state else 0
+    state, step = ckpt.resume(accelerator, resume)
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
-    if resume and state is None:
-        logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
     accelerator.init_trackers("pretrain_tokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))
     loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters)
     export(model, accelerator, cfg)

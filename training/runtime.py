@@ -319,6 +319,13 @@ class CheckpointManager:
         accelerator.wait_for_everyone()  # stale-dir cleanup done before anyone reads
         return None if path is None else self.load(accelerator, path)
 
+    def resume(self, accelerator: Accelerator, resume: bool) -> tuple[dict | None, int]:
+        """(trainer state, step to go on from): the latest checkpoint with ``--resume``, else a fresh start."""
+        state = self.load_latest(accelerator) if resume else None
+        if resume and state is None:
+            logger.warning("--resume given but %s holds no checkpoint; starting from scratch", self.root)
+        return state, int(state["step"]) if state else 0
+
 
 def stepping_optimizer(opt):
     """The innermost torch Optimizer under accelerate/DeepSpeed wrappers (the one that steps)."""

@@ -176,10 +176,7 @@ def train(cfg: LLMTrainConfig, resume: bool) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
-    state = ckpt.load_latest(accelerator) if resume else None
-    if resume and state is None:
-        logger.warning("--resume given but %s holds no checkpoint; starting from scratch", ckpt.root)
-    step = int(state["step"]) if state else 0
+    state, step = ckpt.resume(accelerator, resume)
     accelerator.init_trackers("train_llm", config=runtime.flat_dict(cfglib.to_dict(cfg)))
     logs = loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, resume_counters(state, accelerator),
                 collator)
