@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.checkpoints import CheckpointManager, stepping_optimizer
 from training.runtime import (
-    CheckpointManager,
     log_resolved_config,
     make_accelerator,
     model_input_dtype,
     seed_everything,
     setup_logging,
-    stepping_optimizer,
     unwrap_for_save,
 )
 

@@ -24,11 +24,10 @@ import yaml
 from torch import nn
 
 from accelerate.state import AcceleratorState
+from training.checkpoints import CheckpointManager, relink_schedulers
 from training.runtime import (
-    CheckpointManager,
     log_resolved_config,
     make_accelerator,
-    relink_schedulers,
     seed_everything,
     unwrap_for_save,
 )

@@ -144,7 +144,7 @@ def test_temporal_finetune_moves_only_temporal_parameters(init_run, tuned_run):
 
 
 def test_optimizer_holds_only_temporal_parameters_and_resumed(tuned_run):
-    opt = torch.load(tuned_run / "checkpoints" / "step_00000002" / "optimizer.bin", weights_only=False)
+    opt = torch.load(tuned_run / "checkpoints" / "step_00000002" / "optimizer.bin", weights_only=True)
     unet = VideoUNet(presets.detokenizer_config("tiny").unet)
     assert len(opt["param_groups"]) == 1  # the frozen tokenizer's group is left out
     assert len(opt["param_groups"][0]["params"]) == len(temporal_parameter_names(unet))

@@ -52,6 +52,7 @@ from divot.discriminator import HEAD_KINDS, Discriminator, DiscriminatorConfig, 
 from divot.modeling import CheckpointError
 from divot.tokenizer import DivotTokenizer
 from training import cli, runtime
+from training.checkpoints import CheckpointManager
 from training.pretrain_tokenizer import build_loader, next_video
 from training.tokenizer_setup import DataConfig
 
@@ -263,7 +264,7 @@ def train(cfg: DistillTrainConfig, resume: bool) -> Path:
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, phase_lambdas(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
+    ckpt = CheckpointManager(out, keep_last=cfg.keep_last)
     state, step = ckpt.resume(accelerator, resume)
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     accelerator.init_trackers("distill_detokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))

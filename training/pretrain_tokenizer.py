@@ -36,6 +36,7 @@ from divot.modeling import CheckpointError
 from divot.shapes import ShapesVideoDataset
 from divot.video_io import side_by_side, to_uint8, write_video
 from training import cli, runtime
+from training.checkpoints import CheckpointManager
 from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, build_model,
                                       check_init_from, expand_presets, optimizer_groups, stage_of)
 
@@ -117,7 +118,7 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     optimizer = torch.optim.AdamW(groups, lr=cfg.stage1.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
+    ckpt = CheckpointManager(out, keep_last=cfg.keep_last)
     state, step = ckpt.resume(accelerator, resume)
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     accelerator.init_trackers("pretrain_tokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))

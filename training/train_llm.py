@@ -35,6 +35,7 @@ from divot.modeling import CheckpointError
 from llm.model import STAGES, DivotLLM
 from llm.text_tokenizer import IGNORE_INDEX
 from training import cli, runtime
+from training.checkpoints import CheckpointManager
 from training.llm_setup import (PIPELINE_FILE, LLMTrainConfig, build_collator, build_features,
                                 build_loader, build_model, check_inputs, expand_presets, lr_multiplier,
                                 param_groups, pipeline_info)
@@ -175,7 +176,7 @@ def train(cfg: LLMTrainConfig, resume: bool) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ckpt = runtime.CheckpointManager(out, keep_last=cfg.keep_last)
+    ckpt = CheckpointManager(out, keep_last=cfg.keep_last)
     state, step = ckpt.resume(accelerator, resume)
     accelerator.init_trackers("train_llm", config=runtime.flat_dict(cfglib.to_dict(cfg)))
     logs = loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, resume_counters(state, accelerator),
