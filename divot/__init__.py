@@ -9,10 +9,13 @@ _PIPELINE_API = ("generate", "load", "DivotPipeline")
 
 
 def __getattr__(name: str):
-    # ``divot.generate`` / ``divot.load`` / ``divot.DivotPipeline`` live in ``llm.pipeline``,
+    # ``divot.generate`` (llm.api), ``divot.load`` / ``divot.DivotPipeline`` (llm.pipeline) live in llm,
     # which builds on this package (dependencies flow divot ← llm). They are imported here on
     # first use only (PEP 562): the divot/ building blocks must never import llm at module
     # import time, and ``import divot`` stays cheap.
+    if name == "generate":
+        from llm import api
+        return api.generate
     if name in _PIPELINE_API:
         from llm import pipeline
         return getattr(pipeline, name)

@@ -44,6 +44,11 @@ class DetokenizerConfig:
     resampler_depth: int = 6
     resampler_heads: int = 16
     resampler_dim_head: int = 64
+    # Locality prior of the context resampler (divot/resampler.py): one σ per head, () = off.
+    # token_grid must be the tokenizer's; context_grid holds context_tokens cells.
+    resampler_locality: tuple[float, ...] = ()
+    token_grid: tuple[int, int, int] = (4, 4, 4)
+    context_grid: tuple[int, int, int] = (5, 5, 5)
     num_frames: int = 16
     frame_size: int = 256
     space: str = "latent"  # "pixel" | "latent"
@@ -86,7 +91,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         self.image_proj_model = PerceiverResampler(
             input_dim=config.token_dim, dim=config.context_dim, output_dim=config.context_dim,
             num_latents=config.context_tokens, depth=config.resampler_depth,
-            heads=config.resampler_heads, dim_head=config.resampler_dim_head)
+            heads=config.resampler_heads, dim_head=config.resampler_dim_head,
+            locality=config.resampler_locality, input_grid=config.token_grid, latent_grid=config.context_grid)
         self.unet = VideoUNet(config.unet)
         self.register_buffer("null_tokens", torch.zeros(1, config.num_tokens, config.token_dim))
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod(config.noise), persistent=False)

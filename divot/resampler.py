@@ -6,9 +6,19 @@ Parameter names follow the official release (``latents``, ``proj_in``,
 ``layers.N.0.{norm1,norm2,to_q,to_kv,to_out}``, ``layers.N.1.{0,1,3}``, ``proj_out``,
 ``norm_out``) so a released state dict loads by renaming prefixes only.
 
+An optional locality prior (``locality``, off by default and in ``paper``) gives the
+inputs and the latents places on space-time grids and adds ``-dist²/(2σ²)`` to each
+head's attention logits (σ per head, 0 = a global head), so that latent i starts out
+reading the inputs near its own place. Without it a fresh resampler averages its whole
+input, which keeps almost nothing of where things are; trained from scratch on a CPU
+budget the tokens then collapse before any routing is learnt (docs/TOKENIZER_TRAINING.md,
+finding 8).
+
 Axes: b = batch, n = input tokens, l = latents, d = width, h = heads.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +31,23 @@ def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     inner = dim * mult
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
                          nn.Linear(inner, dim, bias=False))
+
+
+def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
+    """Cell centres of a grid in [0, 1] per axis, row-major: (prod(grid), len(grid))."""
+    axes = [(torch.arange(g, dtype=torch.float32) + 0.5) / g for g in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+
+
+def locality_bias(latent_grid: tuple[int, ...], input_grid: tuple[int, ...],
+                  sigmas: tuple[float, ...]) -> torch.Tensor:
+    """Additive attention logits (h, l, n + l): latents attend to [inputs; latents] (see below)."""
+    if len(latent_grid) != len(input_grid):
+        raise ValueError(f"latent grid {latent_grid} and input grid {input_grid} differ in rank")
+    lat = grid_coords(latent_grid)
+    keys = torch.cat([grid_coords(input_grid), lat])
+    dist2 = ((lat[:, None] - keys[None]) ** 2).sum(-1)
+    return torch.stack([-dist2 / (2 * s * s) if s > 0 else torch.zeros_like(dist2) for s in sigmas])
 
 
 class PerceiverAttention(nn.Module):
@@ -36,22 +63,39 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, inner * 2, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm1(x)
         latents = self.norm2(latents)
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 
 
 class PerceiverResampler(nn.Module):
-    """(b, n, input_dim) → (b, num_latents, output_dim)."""
+    """(b, n, input_dim) → (b, num_latents, output_dim).
+
+    ``locality`` (one σ per head, in grid units; 0 = global) with ``input_grid`` and
+    ``latent_grid`` (e.g. (frames, h, w)) turns on the locality prior of the module docstring.
+    """
 
     def __init__(self, input_dim: int, dim: int, output_dim: int, num_latents: int,
-                 depth: int, heads: int, dim_head: int = 64, ff_mult: int = 4):
+                 depth: int, heads: int, dim_head: int = 64, ff_mult: int = 4,
+                 locality: tuple[float, ...] = (), input_grid: tuple[int, ...] | None = None,
+                 latent_grid: tuple[int, ...] | None = None):
         super().__init__()
+        self.num_inputs = None
+        if locality:
+            if len(locality) != heads or any(s < 0 for s in locality):
+                raise ValueError(f"locality needs one σ >= 0 per head ({heads}), got {tuple(locality)}")
+            if input_grid is None or latent_grid is None or math.prod(latent_grid) != num_latents:
+                raise ValueError(f"locality needs input_grid and a latent_grid of {num_latents} cells, "
+                                 f"got {input_grid} and {latent_grid}")
+            self.num_inputs = math.prod(input_grid)
+            # Derived from the config, so not saved: checkpoints stay loadable either way.
+            self.register_buffer("attn_bias", locality_bias(tuple(latent_grid), tuple(input_grid),
+                                                            tuple(locality))[None], persistent=False)
         self.latents = nn.Parameter(torch.randn(1, num_latents, dim) / dim ** 0.5)
         self.proj_in = nn.Linear(input_dim, dim)
         self.proj_out = nn.Linear(dim, output_dim)
@@ -61,9 +105,15 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None
+        if self.num_inputs is not None:
+            if x.shape[1] != self.num_inputs:
+                raise ValueError(f"resampler with a locality prior expects {self.num_inputs} inputs, "
+                                 f"got {x.shape[1]}")
+            bias = self.attn_bias
         latents = self.latents.expand(x.shape[0], -1, -1)
         x = self.proj_in(x)
         for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
+            latents = attn(x, latents, bias) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))

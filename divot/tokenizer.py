@@ -45,6 +45,10 @@ class TokenizerConfig:
     num_tokens: int = 64
     token_dim: int = 256
     frame_indices: tuple[int, ...] = TOKENIZER_FRAME_INDICES  # picked from 16-frame clips
+    # Locality prior of the resampler (divot/resampler.py): one σ per resampler head, () = off.
+    # The inputs sit on (num_frames, pool_size, pool_size), the tokens on token_grid.
+    resampler_locality: tuple[float, ...] = ()
+    token_grid: tuple[int, int, int] = (4, 4, 4)
 
 
 class QuickGELU(nn.Module):
@@ -111,7 +115,9 @@ class SpaceTimeDown(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.down_sampler = PerceiverResampler(
             input_dim=d, dim=d, output_dim=cfg.token_dim, num_latents=cfg.num_tokens,
-            depth=cfg.resampler_depth, heads=cfg.resampler_heads, dim_head=cfg.resampler_dim_head)
+            depth=cfg.resampler_depth, heads=cfg.resampler_heads, dim_head=cfg.resampler_dim_head,
+            locality=cfg.resampler_locality, input_grid=(cfg.num_frames, cfg.pool_size, cfg.pool_size),
+            latent_grid=cfg.token_grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, f·s, d) → (b, num_tokens, token_dim)."""

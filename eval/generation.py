@@ -54,7 +54,7 @@ from divot.probe import attributes_from_caption, probe_agrees_caption, probe_cli
 from divot.shapes import ShapesWorld, canonical_caption, render  # noqa: E402
 from divot.video_io import VIDEO_EXTENSIONS, VideoReadError, read_clip, write_video  # noqa: E402
 from eval import clipsim, fvd, i3d  # noqa: E402
-from eval.mc_core import accuracy  # noqa: E402
+from eval.mc_core import accuracy, require_positive  # noqa: E402
 from eval.qa_io import ResultLog, check_settings, write_json  # noqa: E402
 from llm.pipeline import GENERATION_CHECKPOINTS, PromptTooLongError, find_checkpoint, load  # noqa: E402
 
@@ -100,10 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--dtype", default=None, help="LLM dtype, e.g. bfloat16")
     args = p.parse_args(argv)
-    for name in ("num_prompts", "steps", "num_real", "num_captions"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(p, args, ("num_prompts", "steps", "num_real", "num_captions"))
     if args.num_heldout is None:
         args.num_heldout = math.ceil(args.num_prompts / 4)
     if (args.clip is None) != (args.captions is None):

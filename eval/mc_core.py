@@ -398,11 +398,16 @@ def add_run_args(parser: argparse.ArgumentParser, modes: Sequence[str] = MODES) 
     parser.add_argument("--dtype", default=None, help="LLM dtype, e.g. bfloat16 (default: the checkpoint's)")
 
 
-def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("max_clips", "limit", "batch_size", "max_new_tokens"):
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:
+    """``parser.error`` for the first of ``names`` (attribute names) that is set and below 1."""
+    for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    require_positive(parser, args, ("max_clips", "limit", "batch_size", "max_new_tokens"))
 
 
 def load_pipeline(args: argparse.Namespace):

@@ -46,6 +46,7 @@ from divot.video_io import (VIDEO_EXTENSIONS, VideoReadError, read_clip, resize_
                             side_by_side, write_video)
 from eval import copy_detection as cd  # noqa: E402
 from eval.fvd import FeatureStore, file_stem  # noqa: E402
+from eval.mc_core import require_positive  # noqa: E402
 from eval.qa_io import check_settings, write_json  # noqa: E402
 
 WORLD_SEED = 0  # the Shapes world the default runs train on
@@ -241,10 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--dtype", default=None, help="LLM dtype for generation, e.g. bfloat16")
     args = p.parse_args(argv)
-    for name in ("num_prompts", "num_train", "steps", "size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    require_positive(p, args, ("num_prompts", "num_train", "steps", "size"))
     if args.worst < 0:
         p.error(f"--worst must be >= 0, got {args.worst}")
     if args.generated is not None and not Path(args.generated).is_dir():

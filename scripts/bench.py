@@ -12,8 +12,9 @@ guidance on), ``llm_train`` (seconds per step, tokens/s, model FLOP/s utilisatio
 ``DivotPipeline.generate_video``). Each reports the peak memory of the section:
 ``torch.cuda.max_memory_allocated`` on a GPU, ``ru_maxrss`` (the process peak so far) on the CPU.
 
-Timing: ``--warmup`` untimed runs, then the median of ``--iters`` timed ones; CUDA work is
-synchronised before each clock read. Models have random weights (``paper``: the published
+Timing: ``--warmup`` untimed runs (they also compile, with ``--compile``), then the median of
+``--iters`` timed ones; CUDA work is synchronised before each clock read. ``--optimizer-impl``
+picks AdamW's kernels (training/optim.py). Models have random weights (``paper``: the published
 shapes, Mistral-7B-v0.1 from a ``MistralConfig`` built on the device in bf16, an SD-1.x sized
 ``AutoencoderKL``); nothing downloads. Precision (``--dtype``): the LLM's weights are in that
 dtype, as DeepSpeed bf16 holds them; tokenizer, de-tokenizer and VAE keep float32 weights and run
@@ -63,6 +64,7 @@ from llm.model import DivotLLM  # noqa: E402
 from llm.pipeline import DivotPipeline  # noqa: E402
 from llm.text_tokenizer import IGNORE_INDEX, MISTRAL_V1_VOCAB_SIZE, NUM_QUERY_TOKENS  # noqa: E402
 from memory_plan import SD_VAE  # noqa: E402
+from training import optim  # noqa: E402
 from training.tokenizer_setup import TokenizerAutoencoder  # noqa: E402
 
 SECTIONS = ("tokenizer_encode", "detokenizer_train", "detokenizer_decode", "llm_train", "generation")
@@ -186,7 +188,8 @@ def bench_encode(ae, args, device, dtype) -> dict:
 
 def bench_detok_train(ae, args, device, dtype) -> dict:
     ae.train()
-    opt = torch.optim.AdamW([p for p in ae.parameters() if p.requires_grad], lr=1e-5)
+    opt = optim.adamw([p for p in ae.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.99),
+                      impl=args.optimizer_impl)
     video = clips(args.train_batch, ae, device)
     out = {"batch": args.train_batch}
     for stage in (1, 2):
@@ -249,7 +252,8 @@ def llm_flop_counts(model: DivotLLM) -> tuple[int, int, int]:
 
 def bench_llm_train(model: DivotLLM, args, device, peak) -> dict:
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = optim.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.99),
+                      impl=args.optimizer_impl)
     batch = llm_batch(model, args.llm_batch, args.seq_len, device)
 
     def step():
@@ -298,6 +302,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--text-tokens", type=int, default=32, help="new tokens of the text-generation run")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the LLM step")
+    p.add_argument("--optimizer-impl", choices=optim.OPTIMIZER_IMPLS, default="foreach", help="AdamW kernels")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tokenizer, U-Net and LLM "
+                   "(compilation happens in the --warmup runs, which must then be >= 1)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--iters", type=int, default=3, help="timed runs (the median is reported)")
@@ -317,8 +324,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         args.decode_steps = [int(x) for x in args.decode_steps.split(",") if x.strip()]
     except ValueError:
         p.error(f"--decode-steps takes comma-separated integers, got {args.decode_steps!r}")
-    if not args.decode_steps or min(args.decode_steps) < 1 or args.iters < 1 or args.warmup < 0:
-        p.error("--decode-steps must be >= 1, --iters >= 1 and --warmup >= 0")
+    if not args.decode_steps or min(args.decode_steps) < 1 or args.iters < 1 or args.warmup < int(args.compile):
+        p.error("--decode-steps must be >= 1, --iters >= 1 and --warmup >= 0 (>= 1 with --compile)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if args.preset == "paper" and args.device == "cpu" and not args.force:
@@ -346,7 +353,8 @@ def run(args: argparse.Namespace) -> dict:
     results = {"preset": args.preset, "device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "threads": torch.get_num_threads(), "peak_flops": peak,
-               "warmup": args.warmup, "iters": args.iters, "sections": {}, "section_wall_s": {}}
+               "warmup": args.warmup, "iters": args.iters, "optimizer_impl": args.optimizer_impl,
+               "compile": args.compile, "sections": {}, "section_wall_s": {}}
     ae = llm = None
     for name in SECTIONS:
         if name not in args.only:
@@ -355,8 +363,10 @@ def run(args: argparse.Namespace) -> dict:
         with peak_memory(device, out):
             if ae is None and name != "llm_train":
                 ae = build_autoencoder(args.preset, device)
+                optim.compile_modules(ae.tokenizer, ae.detokenizer.unet, enabled=args.compile)
             if llm is None and name in ("llm_train", "generation"):
                 llm = build_llm(args.preset, device, dtype, args.grad_ckpt)
+                optim.compile_modules(llm.lm, enabled=args.compile)
             out.update(run_section(name, ae, llm, args, device, dtype, peak))
         results["sections"][name] = out
         results["section_wall_s"][name] = time.perf_counter() - start

@@ -51,6 +51,7 @@ from divot.probe import probe_agrees, probe_clip  # noqa: E402
 from divot.shapes import ShapesWorld, render  # noqa: E402
 from divot.video_io import side_by_side, to_tensor, to_uint8, write_video  # noqa: E402
 from eval import copy_detection as cd  # noqa: E402
+from eval.mc_core import require_positive  # noqa: E402
 from eval.qa_io import write_json  # noqa: E402
 from eval.reconstruction import decode_batches  # noqa: E402
 from eval.replication import TRAIN_RENDER, replication_report  # noqa: E402
@@ -80,9 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for the fine-tuning run (repeatable), e.g. batch_size=2")
     args = p.parse_args(argv)
-    for name in ("steps", "clips", "num_train", "sample_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_positive(p, args, ("steps", "clips", "num_train", "sample_steps"))
     if args.sscd is not None and not Path(args.sscd).is_file():
         p.error(f"--sscd '{args.sscd}' is not a file")
     return args

@@ -31,7 +31,9 @@ ADDED_ROWS = 2 * 70 * 4096
 def test_bench_tiny_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     results = bench.main(["--batch-size", "1", "--seq-len", "192", "--decode-steps", "1,2", "--e2e-steps", "1",
-                          "--text-tokens", "2", "--warmup", "0", "--iters", "1", "--output", str(out)])
+                          "--text-tokens", "2", "--warmup", "0", "--iters", "1", "--optimizer-impl", "loop",
+                          "--output", str(out)])
+    assert results["optimizer_impl"] == "loop" and results["compile"] is False
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     sections = results["sections"]
     assert list(sections) == list(bench.SECTIONS)
@@ -48,7 +50,7 @@ def test_bench_tiny_reports_every_section(tmp_path):
 
 def test_bench_refuses_paper_on_cpu_and_bad_sections(capsys):
     for argv in (["--preset", "paper"], ["--only", "tokenizer_encode,nope"], ["--decode-steps", "0"],
-                 ["--seq-len", "100"]):
+                 ["--seq-len", "100"], ["--compile", "--warmup", "0"], ["--optimizer-impl", "apex"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
     assert "--force" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import divot
 from divot.modeling import WEIGHTS_NAME, CheckpointError
 from divot.video_io import VideoReadError, read_clip, write_video
+from llm import api
 from llm import pipeline as pl
 from llm import text_tokenizer as tt
 from llm.chat import GeneratedVideo, array_clips
@@ -174,8 +175,8 @@ def test_generate_one_call_both_modes_and_cache(pipe, run_dir, five_s, tmp_path,
     def counting_load(checkpoint, **kw):
         loads.append(checkpoint)
         return pipe
-    monkeypatch.setattr(pl, "load", counting_load)
-    pl.clear_cache()
+    monkeypatch.setattr(api, "load", counting_load)
+    api.clear_cache()
     try:
         video = divot.generate("a red circle", checkpoint=run_dir / "llm", seed=0, steps=2, output=tmp_path / "a.mp4")
         assert isinstance(video, GeneratedVideo) and (tmp_path / "a.mp4").is_file()
@@ -189,14 +190,14 @@ def test_generate_one_call_both_modes_and_cache(pipe, run_dir, five_s, tmp_path,
         with pytest.raises(ValueError, match="mode"):
             divot.generate("x", checkpoint=run_dir / "llm", mode="audio")
     finally:
-        pl.clear_cache()
+        api.clear_cache()
 
 
 def test_divot_exposes_the_api_lazily():
     code = "import sys, divot; assert 'llm' not in sys.modules and 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert divot.DivotPipeline is pl.DivotPipeline and divot.generate is pl.generate
+    assert divot.DivotPipeline is pl.DivotPipeline and divot.generate is api.generate
 
 
 # ---------------------------------------------------------------- errors

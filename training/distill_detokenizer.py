@@ -38,6 +38,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -51,7 +52,7 @@ from divot.detokenizer import DetokenizerConfig, DivotDetokenizer
 from divot.discriminator import HEAD_KINDS, Discriminator, DiscriminatorConfig, frozen_parameters
 from divot.modeling import CheckpointError
 from divot.tokenizer import DivotTokenizer
-from training import cli, runtime
+from training import cli, optim, runtime
 from training.checkpoints import CheckpointManager
 from training.pretrain_tokenizer import build_loader, next_video
 from training.tokenizer_setup import DataConfig
@@ -80,6 +81,9 @@ class DistillTrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
+    # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
+    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    compile: bool = False
     log_every: int = 10
     save_every: int = 50
     keep_last: int = 2
@@ -261,7 +265,9 @@ def train(cfg: DistillTrainConfig, resume: bool) -> Path:
     out, start = Path(cfg.output_dir), time.time()
     accelerator = allow_idle_parameters(runtime.start_run(cfg, out))
     model = build_model(cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=cfg.betas, weight_decay=cfg.weight_decay)
+    optimizer = optim.adamw(param_groups(model, cfg), lr=cfg.lr_generator, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay, impl=cfg.optimizer_impl)
+    optim.compile_modules(model.generator.unet, model.discriminator, enabled=cfg.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, phase_lambdas(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = CheckpointManager(out, keep_last=cfg.keep_last)

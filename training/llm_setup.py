@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -94,6 +94,9 @@ class LLMTrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str | None = None  # None: the launcher's setting
     gradient_checkpointing: bool = False
+    # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
+    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    compile: bool = False
     log_every: int = 10
     save_every: int = 200
     keep_last: int = 2

@@ -35,7 +35,7 @@ from divot.data import VideoTextDataset, collate_videos
 from divot.modeling import CheckpointError
 from divot.shapes import ShapesVideoDataset
 from divot.video_io import side_by_side, to_uint8, write_video
-from training import cli, runtime
+from training import cli, optim, runtime
 from training.checkpoints import CheckpointManager
 from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, build_model,
                                       check_init_from, expand_presets, optimizer_groups, stage_of)
@@ -115,7 +115,9 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     logger.info("tokenizer %.2fM trainable params, de-tokenizer %.2fM", model.tokenizer.num_parameters(True) / 1e6,
                 model.detokenizer.num_parameters(True) / 1e6)
     groups, lambdas = optimizer_groups(model, cfg)  # trainable parameters only
-    optimizer = torch.optim.AdamW(groups, lr=cfg.stage1.lr, betas=cfg.betas)
+    optimizer = optim.adamw(groups, lr=cfg.stage1.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            impl=cfg.optimizer_impl)
+    optim.compile_modules(model.tokenizer, model.detokenizer.unet, enabled=cfg.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = CheckpointManager(out, keep_last=cfg.keep_last)

@@ -79,6 +79,9 @@ class TokenizerTrainConfig:
     known_frames_prob: float = 0.0
     known_frames_tasks: TaskMix = field(default_factory=TaskMix)
     gradient_checkpointing: bool = False
+    # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
+    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    compile: bool = False
     # Start from a trained run: its tokenizer/ + detokenizer/, or one of its checkpoints/step_* dirs
     # (model configs must match this run's). "temporal": only the de-tokenizer's temporal layers
     # train, tokenizer and all else frozen (DESIGN.md §6, after "Frame by Familiar Frame").

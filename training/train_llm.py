@@ -34,7 +34,7 @@ from divot import config as cfglib
 from divot.modeling import CheckpointError
 from llm.model import STAGES, DivotLLM
 from llm.text_tokenizer import IGNORE_INDEX
-from training import cli, runtime
+from training import cli, optim, runtime
 from training.checkpoints import CheckpointManager
 from training.llm_setup import (PIPELINE_FILE, LLMTrainConfig, build_collator, build_features,
                                 build_loader, build_model, check_inputs, expand_presets, lr_multiplier,
@@ -173,7 +173,9 @@ def train(cfg: LLMTrainConfig, resume: bool) -> None:
     accelerator = runtime.start_run(cfg, out)
     model = build_model(cfg)
     collator = build_collator(cfg, model, build_features(cfg, accelerator.device))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    optimizer = optim.adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, impl=cfg.optimizer_impl)
+    optim.compile_modules(model.lm, enabled=cfg.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ckpt = CheckpointManager(out, keep_last=cfg.keep_last)

@@ -1,0 +1,92 @@
+"""The Perceiver resampler's optional locality prior (divot/resampler.py)."""
+import pytest
+import torch
+
+from divot import presets
+from divot.detokenizer import DivotDetokenizer
+from divot.resampler import PerceiverResampler, grid_coords, locality_bias
+from divot.tokenizer import DivotTokenizer
+
+
+def test_grid_coords_are_cell_centres():
+    c = grid_coords((2, 4))
+    assert c.shape == (8, 2)
+    assert torch.allclose(c[0], torch.tensor([0.25, 0.125]))
+    assert torch.allclose(c[-1], torch.tensor([0.75, 0.875]))
+
+
+def test_locality_bias_values():
+    bias = locality_bias((1, 2, 2), (1, 2, 2), (0.5, 0.0))
+    assert bias.shape == (2, 4, 8)  # heads, latents, inputs + latents
+    assert torch.all(bias[1] == 0)  # σ = 0: a global head
+    # Same place: no penalty; one cell (0.5) away: -0.25 / (2 · 0.25) = -0.5.
+    assert bias[0, 0, 0] == 0 and bias[0, 0, 4] == 0
+    assert torch.isclose(bias[0, 0, 1], torch.tensor(-0.5))
+    assert torch.isclose(bias[0, 0, 3], torch.tensor(-1.0))
+
+
+def _sharp(seed=0):
+    torch.manual_seed(seed)
+    return PerceiverResampler(8, 16, 8, num_latents=4, depth=1, heads=2, dim_head=8,
+                              locality=(0.05, 0.05), input_grid=(1, 2, 2), latent_grid=(1, 2, 2)).eval()
+
+
+def test_latents_read_their_own_place():
+    """A change at one input moves the latent sitting there, and (almost) not the far one."""
+    model = _sharp()
+    x = torch.randn(1, 4, 8)
+    moved = x.clone()
+    moved[0, 0] += 3.0  # the top-left input
+    with torch.no_grad():
+        delta = (model(moved) - model(x)).norm(dim=-1)[0]
+    assert delta[0] > 0.1
+    assert delta[3] < 1e-3 * delta[0]  # bottom-right latent: σ = 0.05, distance ≈ 0.71
+
+    plain = PerceiverResampler(8, 16, 8, num_latents=4, depth=1, heads=2, dim_head=8).eval()
+    with torch.no_grad():
+        delta_plain = (plain(moved) - plain(x)).norm(dim=-1)[0]
+    assert delta_plain[3] > 0.1 * delta_plain[0]  # without the prior every latent sees it
+
+
+def test_locality_input_errors():
+    with pytest.raises(ValueError, match="one σ >= 0 per head"):
+        PerceiverResampler(8, 16, 8, 4, 1, heads=2, locality=(0.1,), input_grid=(4,), latent_grid=(4,))
+    with pytest.raises(ValueError, match="latent_grid of 4 cells"):
+        PerceiverResampler(8, 16, 8, 4, 1, heads=1, locality=(0.1,), input_grid=(4,), latent_grid=(2,))
+    model = _sharp()
+    with pytest.raises(ValueError, match="expects 4 inputs, got 5"):
+        model(torch.randn(1, 5, 8))
+
+
+def test_tiny_models_with_locality_round_trip(tmp_path):
+    """The bias is rebuilt from config.json, not stored: save/load gives the same forward."""
+    torch.manual_seed(0)
+    tok = DivotTokenizer(presets.tokenizer_config("tiny", resampler_locality=(0.15, 0.3, 0.6, 0.0))).eval()
+    det = DivotDetokenizer(presets.detokenizer_config(
+        "tiny", resampler_locality=(0.15, 0.3, 0.6, 0.0), context_grid=(2, 4, 4))).eval()
+    assert "image_proj_model.down_sampler.attn_bias" not in tok.state_dict()
+    tok.save_pretrained(tmp_path / "tok")
+    det.save_pretrained(tmp_path / "det")
+    tok2 = DivotTokenizer.from_pretrained(tmp_path / "tok").eval()
+    det2 = DivotDetokenizer.from_pretrained(tmp_path / "det").eval()
+    video = torch.rand(1, 5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        tokens = tok(video)
+        assert torch.equal(tokens, tok2(video))
+        assert torch.equal(det.context(tokens), det2.context(tokens))
+
+
+def test_diagnose_tokenizer_smoke(capsys):
+    """The read-out diagnostic runs both read-outs; --freeze leaves the tokens as they were."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import diagnose_tokenizer
+
+    frozen = diagnose_tokenizer.main(["--freeze", "--locality", "0.2,0.2,0.4,0", "--steps", "2", "--every", "1",
+                                      "--batch-size", "2"])
+    first = capsys.readouterr().out.splitlines()[1]
+    assert f"token_spread {frozen['token_spread']:.4f}" in first  # unchanged by training
+    row = diagnose_tokenizer.main(["--readout", "attention", "--steps", "1", "--batch-size", "2"])
+    assert set(row) == {"step", "mse", "mse_other_clip_tokens", "mse_constant_clip", "token_spread", "seconds"}
+    assert 0 < row["mse_constant_clip"] < row["mse"] < 2
