@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,13 +88,25 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             raise ValueError(f"space must be 'pixel' or 'latent', got {config.space!r}")
         if config.unet.in_channels != config.x_channels or config.unet.out_channels != config.x_channels:
             raise ValueError(f"unet in/out channels must be {config.x_channels} for space={config.space}")
+        uses_grid = bool(config.resampler_locality) or config.unet.cross_attention_locality > 0
+        if uses_grid and math.prod(config.context_grid) != config.context_tokens:
+            raise ValueError(f"context_grid {tuple(config.context_grid)} must hold the {config.context_tokens} "
+                             f"context tokens")
         self.config = config
-        self.image_proj_model = PerceiverResampler(
-            input_dim=config.token_dim, dim=config.context_dim, output_dim=config.context_dim,
-            num_latents=config.context_tokens, depth=config.resampler_depth,
-            heads=config.resampler_heads, dim_head=config.resampler_dim_head,
-            locality=config.resampler_locality, input_grid=config.token_grid, latent_grid=config.context_grid)
-        self.unet = VideoUNet(config.unet)
+        if config.resampler_depth == 0:
+            # No resampler: the context is the tokens, projected (then context_tokens == num_tokens
+            # and the U-Net's cross-attention prior places them on the token grid).
+            if config.context_tokens != config.num_tokens or tuple(config.context_grid) != tuple(config.token_grid):
+                raise ValueError("resampler_depth=0 needs context_tokens == num_tokens and context_grid == token_grid")
+            self.image_proj_model = nn.Linear(config.token_dim, config.context_dim)
+        else:
+            self.image_proj_model = PerceiverResampler(
+                input_dim=config.token_dim, dim=config.context_dim, output_dim=config.context_dim,
+                num_latents=config.context_tokens, depth=config.resampler_depth,
+                heads=config.resampler_heads, dim_head=config.resampler_dim_head,
+                locality=config.resampler_locality, input_grid=config.token_grid,
+                latent_grid=config.context_grid)
+        self.unet = VideoUNet(config.unet, context_grid=config.context_grid)
         self.register_buffer("null_tokens", torch.zeros(1, config.num_tokens, config.token_dim))
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod(config.noise), persistent=False)
         self.vae = self._load_vae() if config.space == "latent" and config.vae_path else None
@@ -134,7 +147,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
 
     # --- model ------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.image_proj_model(tokens.to(self.image_proj_model.proj_in.weight.dtype))
+        dtype = next(self.image_proj_model.parameters()).dtype
+        return self.image_proj_model(tokens.to(dtype))
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """v-prediction for noisy ``x_t`` (b, f, c, h, w) at per-frame ``timesteps`` (b, f)."""

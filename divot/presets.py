@@ -22,6 +22,10 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         "temporal_width": 96, "temporal_depth": 1, "temporal_heads": 3, "hidden_size": 128,
         "pool_size": 4, "st_depth": 2, "st_heads": 4, "resampler_depth": 2, "resampler_heads": 4,
         "resampler_dim_head": 32, "num_tokens": 64, "token_dim": 32,
+        # Locality prior (one σ per head; the last head global): token i starts out reading its
+        # place of the (4, 4, 4) token grid, so even the random tokenizer's tokens keep where
+        # things are (docs/TOKENIZER_TRAINING.md, findings 8 and 10).
+        "resampler_locality": [0.15, 0.3, 0.6, 0.0], "token_grid": [4, 4, 4],
     },
 }
 
@@ -29,16 +33,21 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
     # DynamiCrafter-sized latent U-Net; vae_path must name a local AutoencoderKL directory.
     "paper": {},
     "tiny": {
-        "token_dim": 32, "context_tokens": 32, "context_dim": 128, "resampler_depth": 2,
-        "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32, "space": "pixel",
-        "pixel_patch": 4,
+        # No context resampler: trained from scratch it closes its input (findings 5, 9), so the
+        # context is the 64 tokens, projected, on the tokenizer's grid (finding 10).
+        "token_dim": 32, "context_tokens": 64, "context_grid": [4, 4, 4], "context_dim": 128,
+        "resampler_depth": 0, "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32,
+        "space": "pixel", "pixel_patch": 4,
         # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
         "noise": {"parameterization": "edm"},
         # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). The top level
         # needs ≥ 48 channels: at low noise v ≈ ε holds 48 independent values per position.
         "unet": {"in_channels": 48, "out_channels": 48, "block_out_channels": [64, 64, 128],
                  "attention_levels": [False, True, True], "layers_per_block": 1, "head_channels": 32,
-                 "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2},
+                 "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2,
+                 # Queries start out reading the context tokens at their own place; the condition
+                 # enters through zero-initialised layers (finding 10).
+                 "cross_attention_locality": 0.2, "condition_zero_init": True},
     },
 }
 

@@ -10,9 +10,8 @@ An optional locality prior (``locality``, off by default and in ``paper``) gives
 inputs and the latents places on space-time grids and adds ``-dist²/(2σ²)`` to each
 head's attention logits (σ per head, 0 = a global head), so that latent i starts out
 reading the inputs near its own place. Without it a fresh resampler averages its whole
-input, which keeps almost nothing of where things are; trained from scratch on a CPU
-budget the tokens then collapse before any routing is learnt (docs/TOKENIZER_TRAINING.md,
-finding 8).
+input and keeps almost nothing of where things are; with it, even a random tokenizer's
+tokens can be read back (docs/TOKENIZER_TRAINING.md, finding 8).
 
 Axes: b = batch, n = input tokens, l = latents, d = width, h = heads.
 """
@@ -41,7 +40,8 @@ def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
 
 def locality_bias(latent_grid: tuple[int, ...], input_grid: tuple[int, ...],
                   sigmas: tuple[float, ...]) -> torch.Tensor:
-    """Additive attention logits (h, l, n + l): latents attend to [inputs; latents] (see below)."""
+    """Additive attention logits (h, l, n + l) for keys [inputs; latents], the order of
+    :class:`PerceiverAttention`: ``-dist²/(2σ²)`` per head, all zero where σ = 0."""
     if len(latent_grid) != len(input_grid):
         raise ValueError(f"latent grid {latent_grid} and input grid {input_grid} differ in rank")
     lat = grid_coords(latent_grid)

@@ -9,11 +9,17 @@ starts as a per-frame image model (the VDM recipe). The time embedding is
 computed **per frame**: ``timesteps`` may be (b,) or (b, f), and each frame's
 ResNet blocks see their own noise level plus a learned frame-index embedding.
 
+``cross_attention_locality`` (σ > 0, off by default) adds ``-dist²/(2σ²)`` to the
+cross-attention logits between a query at (frame, y, x) and a context token at its cell of the
+de-tokenizer's ``context_grid``, all in [0, 1] units: a query starts out reading the context
+tokens at its own place (the same prior as the resamplers', divot/resampler.py).
+
 Axes: b = batch, f = frames, c = channels, h, w = height, width, n = context tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,8 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from divot.resampler import grid_coords
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,12 @@ class UNetConfig:
     norm_num_groups: int = 32
     ff_mult: int = 4
     num_frames: int = 16
+    cross_attention_locality: float = 0.0  # σ of the locality prior; 0 = off (see the docstring)
+    # Zero-initialise where the condition enters (cross-attention outputs, pooled-context
+    # embedding), as ControlNet's zero convolutions: a random U-Net then adds no
+    # condition-dependent noise, so nothing pushes the context towards a constant before the
+    # U-Net has learnt to use it (docs/TOKENIZER_TRAINING.md, finding 9).
+    condition_zero_init: bool = False
 
 
 def sincos_2d(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
@@ -59,8 +73,13 @@ class FeedForward(nn.Sequential):
 class SpatialTransformer(nn.Module):
     """Per-frame self-attention, cross-attention to the context, feed-forward (tokens = h·w)."""
 
-    def __init__(self, c: int, heads: int, context_dim: int, groups: int, ff_mult: int):
+    def __init__(self, c: int, heads: int, context_dim: int, groups: int, ff_mult: int,
+                 locality: float = 0.0, context_coords: torch.Tensor | None = None):
         super().__init__()
+        self.locality = locality
+        if locality > 0:
+            # (n, 3) cell centres of the context tokens; derived from the config, not saved.
+            self.register_buffer("context_coords", context_coords, persistent=False)
         self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, c)
         self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
@@ -69,14 +88,24 @@ class SpatialTransformer(nn.Module):
         self.ff = FeedForward(c, ff_mult)
         self.proj_out = nn.Linear(c, c)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def cross_bias(self, batch: int, f: int, h: int, w: int) -> torch.Tensor:
+        """((b f), h·w, n) additive logits; diffusers repeats them over the heads."""
+        frames = (torch.arange(f, device=self.context_coords.device) + 0.5) / f
+        ys = (torch.arange(h, device=frames.device) + 0.5) / h
+        xs = (torch.arange(w, device=frames.device) + 0.5) / w
+        where = torch.stack(torch.meshgrid(frames, ys, xs, indexing="ij"), dim=-1).reshape(f, h * w, 1, 3)
+        dist2 = ((where - self.context_coords) ** 2).sum(-1)  # f, q, n
+        return (-dist2 / (2 * self.locality ** 2)).repeat(batch, 1, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, f: int = 1) -> torch.Tensor:
         h, w = x.shape[-2:]
+        bias = self.cross_bias(x.shape[0] // f, f, h, w).to(x.dtype) if self.locality > 0 else None
         y = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))
         # Where each query sits: without it, cross-attention cannot put content at a place.
         y = y + sincos_2d(h, w, y.shape[-1], y.device, y.dtype)
         n = self.norm1(y)
         y = y + self.attn1(n)
-        y = y + self.attn2(self.norm2(y), encoder_hidden_states=context)
+        y = y + self.attn2(self.norm2(y), encoder_hidden_states=context, attention_mask=bias)
         y = self.proj_out(y + self.ff(y))
         return x + rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
 
@@ -122,28 +151,36 @@ class TemporalTransformer(nn.Module):
 class SpaceTimeLayer(nn.Module):
     """ResNet → temporal conv → (spatial + cross attention) → temporal attention."""
 
-    def __init__(self, cin: int, cout: int, temb: int, cfg: UNetConfig, attention: bool):
+    def __init__(self, cin: int, cout: int, temb: int, cfg: UNetConfig, attention: bool,
+                 context_coords: torch.Tensor | None = None):
         super().__init__()
         g, heads = cfg.norm_num_groups, max(1, cout // cfg.head_channels)
         self.resnet = ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=g, eps=1e-6)
         self.temp_conv = TemporalConv(cout, g)
-        self.attn = SpatialTransformer(cout, heads, cfg.cross_attention_dim, g, cfg.ff_mult) if attention else None
+        self.attn = SpatialTransformer(cout, heads, cfg.cross_attention_dim, g, cfg.ff_mult,
+                                       cfg.cross_attention_locality, context_coords) if attention else None
         self.temp_attn = TemporalTransformer(cout, heads, g, cfg.ff_mult, cfg.num_frames) if attention else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, f: int) -> torch.Tensor:
         x = self.temp_conv(self.resnet(x, temb), f)
         if self.attn is not None:
-            x = self.temp_attn(self.attn(x, context), f)
+            x = self.temp_attn(self.attn(x, context, f), f)
         return x
 
 
 class VideoUNet(nn.Module):
     """(b, f, c, h, w) noisy frames + per-frame timesteps + context → (b, f, c, h, w) v-prediction."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, context_grid: tuple[int, ...] | None = None):
         super().__init__()
         if len(cfg.attention_levels) != len(cfg.block_out_channels):
             raise ValueError("attention_levels needs one entry per entry of block_out_channels")
+        coords = None
+        if cfg.cross_attention_locality > 0:
+            if context_grid is None or len(context_grid) != 3:
+                raise ValueError("cross_attention_locality needs the (frames, h, w) context_grid of the context")
+            coords = grid_coords(tuple(context_grid))
+        layer = partial(SpaceTimeLayer, context_coords=coords)
         self.cfg = cfg
         self.gradient_checkpointing = False
         ch = cfg.block_out_channels
@@ -158,7 +195,7 @@ class VideoUNet(nn.Module):
         self.down, self.downsamplers, skip_ch = nn.ModuleList(), nn.ModuleList(), [ch[0]]
         cin = ch[0]
         for i, c in enumerate(ch):
-            self.down.append(nn.ModuleList(SpaceTimeLayer(cin if j == 0 else c, c, temb, cfg, cfg.attention_levels[i])
+            self.down.append(nn.ModuleList(layer(cin if j == 0 else c, c, temb, cfg, cfg.attention_levels[i])
                                            for j in range(cfg.layers_per_block)))
             skip_ch += [c] * cfg.layers_per_block
             cin = c
@@ -166,13 +203,12 @@ class VideoUNet(nn.Module):
             self.downsamplers.append(nn.Identity() if last else Downsample2D(c, use_conv=True, out_channels=c))
             if not last:
                 skip_ch.append(c)
-        self.mid = nn.ModuleList([SpaceTimeLayer(ch[-1], ch[-1], temb, cfg, True),
-                                  SpaceTimeLayer(ch[-1], ch[-1], temb, cfg, False)])
+        self.mid = nn.ModuleList([layer(ch[-1], ch[-1], temb, cfg, True), layer(ch[-1], ch[-1], temb, cfg, False)])
         self.up, self.upsamplers = nn.ModuleList(), nn.ModuleList()
         for i, c in reversed(list(enumerate(ch))):
             layers = nn.ModuleList()
             for _ in range(cfg.layers_per_block + 1):
-                layers.append(SpaceTimeLayer(cin + skip_ch.pop(), c, temb, cfg, cfg.attention_levels[i]))
+                layers.append(layer(cin + skip_ch.pop(), c, temb, cfg, cfg.attention_levels[i]))
                 cin = c
             self.up.append(layers)
             self.upsamplers.append(Upsample2D(c, use_conv=True, out_channels=c) if i > 0 else nn.Identity())
@@ -180,6 +216,12 @@ class VideoUNet(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts v = 0: a stable start
         nn.init.zeros_(self.conv_out.bias)
+        if cfg.condition_zero_init:
+            entries = [self.context_embedding.linear_2] + [m.attn2.to_out[0] for m in self.modules()
+                                                            if isinstance(m, SpatialTransformer)]
+            for linear in entries:
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = True

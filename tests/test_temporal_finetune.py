@@ -83,7 +83,8 @@ def tuned_run(init_run, tmp_path_factory) -> Path:
 
 
 def test_selection_is_exactly_the_temporal_layers():
-    unet = VideoUNet(presets.detokenizer_config("tiny").unet)
+    cfg = presets.detokenizer_config("tiny")
+    unet = VideoUNet(cfg.unet, context_grid=cfg.context_grid)
     names = temporal_parameter_names(unet)
     all_names = [n for n, _ in unet.named_parameters()]
     assert names == [n for n in all_names if TEMPORAL_NAME.search(n)]
@@ -132,7 +133,8 @@ def test_init_from_checkpoint_equals_init_from_run_dir(init_run):
 def test_temporal_finetune_moves_only_temporal_parameters(init_run, tuned_run):
     before, after = _weights(init_run), _weights(tuned_run)
     assert before.keys() == after.keys()
-    unet = VideoUNet(presets.detokenizer_config("tiny").unet)
+    cfg = presets.detokenizer_config("tiny")
+    unet = VideoUNet(cfg.unet, context_grid=cfg.context_grid)
     temporal = {f"detokenizer.unet.{n}" for n in temporal_parameter_names(unet)}
     params = {f"detokenizer.{n}" for n, _ in DivotDetokenizer(presets.detokenizer_config("tiny")).named_parameters()}
     params |= {k for k in before if k.startswith("tokenizer.")}
@@ -145,7 +147,8 @@ def test_temporal_finetune_moves_only_temporal_parameters(init_run, tuned_run):
 
 def test_optimizer_holds_only_temporal_parameters_and_resumed(tuned_run):
     opt = torch.load(tuned_run / "checkpoints" / "step_00000002" / "optimizer.bin", weights_only=True)
-    unet = VideoUNet(presets.detokenizer_config("tiny").unet)
+    cfg = presets.detokenizer_config("tiny")
+    unet = VideoUNet(cfg.unet, context_grid=cfg.context_grid)
     assert len(opt["param_groups"]) == 1  # the frozen tokenizer's group is left out
     assert len(opt["param_groups"][0]["params"]) == len(temporal_parameter_names(unet))
     steps = {float(s["step"]) for s in opt["state"].values()}

@@ -64,9 +64,12 @@ class TokenizerTrainConfig:
     batch_size: int = 4  # per process and micro-step
     gradient_accumulation_steps: int = 1  # a DeepSpeed config with an integer value wins
     max_steps: int | None = None  # cap on stage1 + stage2 optimizer steps (tests, smoke runs)
-    # Defaults: the tiny preset on 2 CPU cores in about 14 minutes (docs/RESULTS.md).
+    # Defaults: the tiny preset on 2 CPU cores in under 15 minutes (docs/RESULTS.md). The tiny
+    # tokenizer is held at its random initialisation for all of stage 1: trained from scratch in
+    # this budget its tokens collapse as soon as it trains (docs/TOKENIZER_TRAINING.md, finding
+    # 10). stage1.tokenizer_delay_steps=0 trains it end to end from the first step (paper).
     stage1: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=2.0, tokenizer_delay_steps=300))
+        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=2.0, tokenizer_delay_steps=750))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=3e-4, warmup_steps=20,
                                                                     cond_dropout=0.05))
     weight_decay: float = 0.01

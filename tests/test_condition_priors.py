@@ -1,4 +1,4 @@
-"""The Perceiver resampler's optional locality prior (divot/resampler.py)."""
+"""Priors on the condition path: the resamplers' and the U-Net's locality prior, zero-initialised condition inputs."""
 import pytest
 import torch
 
@@ -63,7 +63,8 @@ def test_tiny_models_with_locality_round_trip(tmp_path):
     torch.manual_seed(0)
     tok = DivotTokenizer(presets.tokenizer_config("tiny", resampler_locality=(0.15, 0.3, 0.6, 0.0))).eval()
     det = DivotDetokenizer(presets.detokenizer_config(
-        "tiny", resampler_locality=(0.15, 0.3, 0.6, 0.0), context_grid=(2, 4, 4))).eval()
+        "tiny", resampler_depth=2, resampler_locality=(0.15, 0.3, 0.6, 0.0), context_tokens=32,
+        context_grid=(2, 4, 4))).eval()
     assert "image_proj_model.down_sampler.attn_bias" not in tok.state_dict()
     tok.save_pretrained(tmp_path / "tok")
     det.save_pretrained(tmp_path / "det")
@@ -90,3 +91,60 @@ def test_diagnose_tokenizer_smoke(capsys):
     row = diagnose_tokenizer.main(["--readout", "attention", "--steps", "1", "--batch-size", "2"])
     assert set(row) == {"step", "mse", "mse_other_clip_tokens", "mse_constant_clip", "token_spread", "seconds"}
     assert 0 < row["mse_constant_clip"] < row["mse"] < 2
+
+
+def test_unet_cross_attention_locality_reads_its_own_place():
+    """With a sharp prior, changing the context token of one corner moves that corner's output."""
+    cfg = presets.detokenizer_config("tiny", resampler_depth=2, context_tokens=16, context_grid=(1, 4, 4),
+                                     unet={"cross_attention_locality": 0.05})
+    torch.manual_seed(0)
+    det = DivotDetokenizer(cfg).eval()
+    with torch.no_grad():
+        for p in det.unet.parameters():  # zero-init outputs would hide any dependence
+            p.add_(torch.randn_like(p) * 0.02)
+        blk = det.unet.down[1][0].attn  # the 4×4 level
+        x = torch.randn(2, blk.proj_in.in_features, 4, 4)
+        ctx = torch.randn(2, 16, cfg.context_dim)
+        moved = ctx.clone()
+        moved[:, 0] += 3.0  # the context token of the top-left cell
+        delta = (blk(x, moved, 1) - blk(x, ctx, 1)).abs().mean(dim=(0, 1))  # (h, w)
+    assert delta[0, 0] > 100 * delta[3, 3]
+    bias = blk.cross_bias(2, 1, 4, 4)
+    assert bias.shape == (2, 16, 16) and torch.all(bias.diagonal(dim1=1, dim2=2) == 0)
+    with pytest.raises(ValueError, match="must hold the 32 context tokens"):
+        DivotDetokenizer(presets.detokenizer_config("tiny", resampler_depth=2, context_tokens=32))
+
+
+def test_condition_zero_init_starts_blind_but_learns():
+    """At init the context changes nothing (no condition noise to shrink it); gradients still reach
+    the zeroed entries, so the condition path can open."""
+    cfg = presets.detokenizer_config("tiny")  # zero-initialised condition inputs
+    torch.manual_seed(0)
+    det = DivotDetokenizer(cfg)
+    with torch.no_grad():
+        det.unet.conv_out.weight.normal_(std=0.02)  # else the zero output layer hides everything
+    x, t = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16))
+    tokens = torch.randn(2, 64, 32)
+    out = det(x, t, tokens)
+    assert torch.equal(out, det(x, t, tokens.roll(1, 0)))
+    out.pow(2).mean().backward()
+    to_out = det.unet.down[1][0].attn.attn2.to_out[0]
+    assert to_out.weight.grad.abs().sum() > 0
+    assert det.unet.context_embedding.linear_2.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in det.image_proj_model.parameters())
+
+
+def test_detokenizer_without_resampler_projects_the_tokens(tmp_path):
+    cfg = presets.detokenizer_config("tiny")  # no resampler, locality in the U-Net
+    torch.manual_seed(0)
+    det = DivotDetokenizer(cfg).eval()
+    tokens = torch.randn(2, 64, 32)
+    ctx = det.context(tokens)
+    assert ctx.shape == (2, 64, cfg.context_dim)
+    assert torch.allclose(ctx[:, 5], det.image_proj_model(tokens[:, 5]))  # token i stays context token i
+    det.save_pretrained(tmp_path)
+    x, t = torch.randn(1, 16, 48, 8, 8), torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(det(x, t, tokens[:1]), DivotDetokenizer.from_pretrained(tmp_path).eval()(x, t, tokens[:1]))
+    with pytest.raises(ValueError, match="resampler_depth=0 needs"):
+        DivotDetokenizer(presets.detokenizer_config("tiny", context_tokens=32, context_grid=(2, 4, 4)))
