@@ -1,6 +1,7 @@
 """training/pretrain_tokenizer.py end to end: config errors, kill + resume = uninterrupted run, DeepSpeed."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -48,10 +49,13 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 def test_schedule_freezes_tokenizer_in_stage2_and_sampler_is_positional():
-    cfg = TokenizerTrainConfig(preset="tiny")
+    default = TokenizerTrainConfig(preset="tiny")  # tiny holds its tokenizer through stage 1
+    tok_lr, det_lr = stage_lambdas(default)
+    s1 = default.stage1.steps
+    assert all(tok_lr(step) == 0 for step in range(0, s1 + 100, 50)) and det_lr(0) > 0 and det_lr(s1) > 0
+    cfg = dataclasses.replace(default, stage1=dataclasses.replace(default.stage1, tokenizer_delay_steps=300))
     tok_lr, det_lr = stage_lambdas(cfg)
-    s1 = cfg.stage1.steps
-    assert tok_lr(s1 - 1) > 0 and tok_lr(s1) == 0 and tok_lr(s1 + 100) == 0
+    assert tok_lr(299) == 0 and tok_lr(s1 - 1) > 0 and tok_lr(s1) == 0 and tok_lr(s1 + 100) == 0
     assert det_lr(s1) > 0
     full = StepSampler(100, 4, rank=1, world=2, seed=0, start_step=0)
     later = StepSampler(100, 4, rank=1, world=2, seed=0, start_step=5)
