@@ -90,10 +90,7 @@ class SpatialTransformer(nn.Module):
 
     def cross_bias(self, batch: int, f: int, h: int, w: int) -> torch.Tensor:
         """((b f), h·w, n) additive logits; diffusers repeats them over the heads."""
-        frames = (torch.arange(f, device=self.context_coords.device) + 0.5) / f
-        ys = (torch.arange(h, device=frames.device) + 0.5) / h
-        xs = (torch.arange(w, device=frames.device) + 0.5) / w
-        where = torch.stack(torch.meshgrid(frames, ys, xs, indexing="ij"), dim=-1).reshape(f, h * w, 1, 3)
+        where = grid_coords((f, h, w)).to(self.context_coords.device).reshape(f, h * w, 1, 3)
         dist2 = ((where - self.context_coords) ** 2).sum(-1)  # f, q, n
         return (-dist2 / (2 * self.locality ** 2)).repeat(batch, 1, 1)
 

@@ -1,6 +1,7 @@
 """Does a trained de-tokenizer read its tokens? Per-noise-level errors, token spread, guidance effect.
 
     python scripts/diagnose_detokenizer.py runs/tokenizer [--clips 8]
+    python scripts/diagnose_detokenizer.py runs/tokenizer/checkpoints/step_00000500   # mid-run
 
 For held-out Shapes clips it prints, at each timestep t, the v-loss and the error of the
 model's x̂0. The x̂0 error is shown beside two baselines: v = 0, and an all-black clip. At
@@ -15,22 +16,36 @@ no longer passes its input on).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from divot import config as cfglib
 from divot import diffusion
 from divot.autoencoder import VideoAutoencoder
+from divot.modeling import WEIGHTS_NAME
 from divot.shapes import ShapesVideoDataset
+from training.tokenizer_setup import TokenizerTrainConfig, init_model_overrides, load_init
+
+
+def load(path: Path) -> VideoAutoencoder:
+    """A finished run's models, or a training checkpoint's (read as ``init_from`` reads it)."""
+    if (path / WEIGHTS_NAME).is_file():
+        cfg = cfglib.from_dict(TokenizerTrainConfig, {"init_from": str(path), **init_model_overrides(path)})
+        model = load_init(cfg)
+        return VideoAutoencoder(model.tokenizer, model.detokenizer).eval()
+    return VideoAutoencoder.from_pretrained(path)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="run directory with tokenizer/ and detokenizer/")
+    p.add_argument("checkpoint", help="run directory with tokenizer/ and detokenizer/, or one of its "
+                   "checkpoints/step_* directories")
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    ae = VideoAutoencoder.from_pretrained(args.checkpoint)
+    ae = load(Path(args.checkpoint))
     det, acp = ae.detokenizer, ae.detokenizer.alphas_cumprod
     ds = ShapesVideoDataset("val", size=ae.frame_size)
     video = torch.stack([ds[i]["video"] for i in range(args.clips)])

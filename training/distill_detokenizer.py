@@ -38,7 +38,6 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
@@ -54,6 +53,7 @@ from divot.modeling import CheckpointError
 from divot.tokenizer import DivotTokenizer
 from training import cli, optim, runtime
 from training.checkpoints import CheckpointManager
+from training.optim import OptimizerImpl
 from training.pretrain_tokenizer import build_loader, next_video
 from training.tokenizer_setup import DataConfig
 
@@ -82,7 +82,7 @@ class DistillTrainConfig:
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
     # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
-    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    optimizer_impl: OptimizerImpl = "foreach"
     compile: bool = False
     log_every: int = 10
     save_every: int = 50

@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -38,6 +38,7 @@ from llm.data_sources import (DEFAULT_MAX_CLIPS, CaptionJsonlSource, Conversatio
 from llm.features import ClipFeatures, load_clip_features
 from llm.llm_config import LLMConfig, llm_config
 from llm.model import STAGES, DivotLLM
+from training.optim import OptimizerImpl
 from training.tokenizer_setup import StepSampler
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class LLMTrainConfig:
     mixed_precision: str | None = None  # None: the launcher's setting
     gradient_checkpointing: bool = False
     # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
-    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    optimizer_impl: OptimizerImpl = "foreach"
     compile: bool = False
     log_every: int = 10
     save_every: int = 200

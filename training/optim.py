@@ -18,14 +18,15 @@ again. It is off by default: on two CPU cores compilation costs more than a shor
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Iterable, Literal, get_args
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_IMPLS = ("foreach", "fused", "loop")
+OptimizerImpl = Literal["foreach", "fused", "loop"]  # the config field type of every training script
+OPTIMIZER_IMPLS = get_args(OptimizerImpl)
 _FLAGS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
 
 

@@ -29,6 +29,7 @@ from divot.finetune import check_trainable, freeze_all_but_temporal
 from divot.modeling import WEIGHTS_NAME, CheckpointError, load_state_dict_strict
 from divot.tokenizer import DivotTokenizer, TokenizerConfig
 from training import runtime
+from training.optim import OptimizerImpl
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class TokenizerTrainConfig:
     known_frames_tasks: TaskMix = field(default_factory=TaskMix)
     gradient_checkpointing: bool = False
     # Performance options (training/optim.py): AdamW kernels and in-place torch.compile.
-    optimizer_impl: Literal["foreach", "fused", "loop"] = "foreach"
+    optimizer_impl: OptimizerImpl = "foreach"
     compile: bool = False
     # Start from a trained run: its tokenizer/ + detokenizer/, or one of its checkpoints/step_* dirs
     # (model configs must match this run's). "temporal": only the de-tokenizer's temporal layers
