@@ -30,6 +30,7 @@ from torch import nn
 
 from divot import conditioning, diffusion
 from divot.modeling import PretrainedMixin
+from divot.pixel_head import PixelHead
 from divot.resampler import PerceiverResampler
 from divot.unet import UNetConfig, VideoUNet
 
@@ -59,6 +60,9 @@ class DetokenizerConfig:
     latent_channels: int = 4
     vae_downsample: int = 8
     vae_decode_batch: int = 16  # frames per VAE decoder call (bounds its activation memory)
+    # Pixel space only: width of a full-resolution head after the U-Net (divot/pixel_head.py);
+    # 0 = none. It lets a space-to-depth U-Net remove per-pixel noise at low noise levels.
+    pixel_head_width: int = 0
     unet: UNetConfig = field(default_factory=UNetConfig)
     noise: diffusion.NoiseConfig = field(default_factory=diffusion.NoiseConfig)
     # A distilled one-step generator (training/distill_detokenizer.py, after SF-V): decode()
@@ -107,6 +111,10 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                 locality=config.resampler_locality, input_grid=config.token_grid,
                 latent_grid=config.context_grid)
         self.unet = VideoUNet(config.unet, context_grid=config.context_grid)
+        if config.pixel_head_width and config.space != "pixel":
+            raise ValueError("pixel_head_width needs space='pixel'")
+        self.pixel_head = (PixelHead(config.pixel_patch, config.pixel_head_width, config.noise.num_train_timesteps)
+                           if config.pixel_head_width else None)
         self.register_buffer("null_tokens", torch.zeros(1, config.num_tokens, config.token_dim))
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod(config.noise), persistent=False)
         self.vae = self._load_vae() if config.space == "latent" and config.vae_path else None
@@ -159,14 +167,31 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         t = timesteps.to(x_t.device).long()
         return t.view(b, 1).expand(b, f) if t.ndim == 1 else t.expand(b, f) if t.ndim == 0 else t
 
+    def network(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The raw output (v, or EDM's F) for noisy ``x_t``, with the pixel head's correction of
+        x̂0 (divot/pixel_head.py) folded in when there is one."""
+        noise, acp = self.config.noise, self.alphas_cumprod
+        t = self._timesteps(timesteps, x_t)
+        if noise.parameterization == "v":
+            v = self.unet(x_t, t, context)
+            if self.pixel_head is None:
+                return v
+            return diffusion.v_from_x0(x_t, self.pixel_head(diffusion.x0_from_v(x_t, v, t, acp), x_t, t), t, acp)
+        c_skip, c_out, c_in = diffusion.edm_coefficients(acp, t, x_t.ndim, noise.sigma_data)
+        raw = self.unet(c_in * x_t, t, context)
+        if self.pixel_head is None:
+            return raw
+        x0 = self.pixel_head(c_skip * x_t + c_out * raw, c_in * x_t, t)
+        return (x0 - c_skip * x_t) / c_out
+
     def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """v for the sampler, whatever the network's own parameterization."""
         noise = self.config.noise
         if noise.parameterization == "v":
-            return self.unet(x_t, timesteps, context)
+            return self.network(x_t, timesteps, context)
         t = self._timesteps(timesteps, x_t)
-        c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, noise.sigma_data)
-        x0 = c_skip * x_t + c_out * self.unet(c_in * x_t, t, context)
+        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, noise.sigma_data)
+        x0 = c_skip * x_t + c_out * self.network(x_t, t, context)
         return diffusion.v_from_x0(x_t, x0, t, self.alphas_cumprod)
 
     def _loss(self, x_t, t, tokens, x0, noise, frame_mask=None) -> torch.Tensor:
@@ -175,8 +200,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         if cfg.parameterization == "v":
             return diffusion.v_loss(self.predict_v(x_t, t, context), x0, noise, t, self.alphas_cumprod, frame_mask)
         # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out.
-        c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
-        raw = self.unet(c_in * x_t, t, context)
+        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
+        raw = self.network(x_t, t, context)
         return conditioning.masked_frame_mean((raw.float() - (x0 - c_skip * x_t) / c_out).pow(2), frame_mask)
 
     def training_loss(self, video: torch.Tensor, tokens: torch.Tensor, cond_dropout: float = 0.0,

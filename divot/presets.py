@@ -38,6 +38,9 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         "token_dim": 32, "context_tokens": 64, "context_grid": [4, 4, 4], "context_dim": 128,
         "resampler_depth": 0, "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32,
         "space": "pixel", "pixel_patch": 4,
+        # A full-resolution head corrects x̂0 pixel by pixel: without it the U-Net leaves the
+        # noise of low noise levels in every sample (divot/pixel_head.py, finding 11).
+        "pixel_head_width": 32,
         # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
         "noise": {"parameterization": "edm"},
         # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). The top level
@@ -47,7 +50,7 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
                  "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2,
                  # Queries start out reading the context tokens at their own place; the condition
                  # enters through zero-initialised layers (finding 10).
-                 "cross_attention_locality": 0.2, "condition_zero_init": True},
+                 "cross_attention_locality": 0.1, "condition_zero_init": True},
     },
 }
 

@@ -101,6 +101,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tokenizer-lr", type=float, default=None,
+                   help="the tokenizer's learning rate (default: --lr); lower keeps it from collapsing first")
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -113,8 +115,12 @@ def main(argv=None) -> dict:
     readout = (ConvReadout(cfg.token_grid, cfg.token_dim, cfg.num_frames, size) if args.readout == "conv"
                else AttentionReadout(cfg.token_dim, cfg.num_frames, size))
     tok.requires_grad_(not args.freeze)
-    params = list(readout.parameters()) + [q for q in tok.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    tok_params = [q for q in tok.parameters() if q.requires_grad]
+    params = list(readout.parameters()) + tok_params
+    groups = [{"params": list(readout.parameters())}]
+    if tok_params:
+        groups.append({"params": tok_params, "lr": args.tokenizer_lr or args.lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     train, val_ds = ShapesVideoDataset("train", size=size), ShapesVideoDataset("val", size=size)
     val = clips(val_ds, 0, 32, frames)
     mean_clip = ((val - val.mean(0, keepdim=True)) ** 2).mean().item()

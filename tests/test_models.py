@@ -141,7 +141,7 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
                         layers_per_block=1, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
     cfg = presets.detokenizer_config(
-        "tiny", space="latent", vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16, vae_decode_batch=5,
+        "tiny", space="latent", pixel_head_width=0, vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16, vae_decode_batch=5,
         unet={"in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
               "attention_levels": [False, True], "norm_num_groups": 4})
     det = DivotDetokenizer(cfg)

@@ -49,14 +49,16 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 def test_schedule_freezes_tokenizer_in_stage2_and_sampler_is_positional():
-    default = TokenizerTrainConfig(preset="tiny")  # tiny holds its tokenizer through stage 1
+    default = TokenizerTrainConfig(preset="tiny")  # tiny: end to end, the tokenizer at 3 % of the rate
     tok_lr, det_lr = stage_lambdas(default)
     s1 = default.stage1.steps
-    assert all(tok_lr(step) == 0 for step in range(0, s1 + 100, 50)) and det_lr(0) > 0 and det_lr(s1) > 0
-    cfg = dataclasses.replace(default, stage1=dataclasses.replace(default.stage1, tokenizer_delay_steps=300))
+    assert all(tok_lr(step) == pytest.approx(0.03 * det_lr(step)) for step in (0, 49, 300, s1 - 1))
+    assert tok_lr(s1) == 0 and tok_lr(s1 + 100) == 0 and det_lr(s1) > 0
+    cfg = dataclasses.replace(default, stage1=dataclasses.replace(default.stage1, tokenizer_delay_steps=300,
+                                                                  tokenizer_lr_scale=1.0))
     tok_lr, det_lr = stage_lambdas(cfg)
-    assert tok_lr(299) == 0 and tok_lr(s1 - 1) > 0 and tok_lr(s1) == 0 and tok_lr(s1 + 100) == 0
-    assert det_lr(s1) > 0
+    assert tok_lr(299) == 0 and tok_lr(300) > 0 and tok_lr(s1 - 1) > 0 and tok_lr(s1) == 0
+    assert tok_lr(300) == pytest.approx(1 / cfg.stage1.warmup_steps)  # the delayed warm-up starts over
     full = StepSampler(100, 4, rank=1, world=2, seed=0, start_step=0)
     later = StepSampler(100, 4, rank=1, world=2, seed=0, start_step=5)
     it_full, it_later = iter(full), iter(later)

@@ -42,10 +42,13 @@ class StageConfig:
     cond_dropout: float = 0.0
     min_lr_ratio: float = 0.1
     timestep_shift: float = 1.0  # > 1 favours high noise levels (SD3 shift); 1 = uniform
-    # Stage 1 only: the tokenizer's learning rate stays 0 for this many steps, then warms up.
-    # Trained from scratch (tiny), end-to-end training otherwise collapses the tokens to a
-    # constant before the U-Net has learned to read them; a decoder-first start avoids that.
+    # Stage 1 only: the tokenizer's learning rate stays 0 for this many steps, then warms up
+    # (a decoder-first start; docs/TOKENIZER_TRAINING.md, findings 3 and 10).
     tokenizer_delay_steps: int = 0
+    # Stage 1 only: the tokenizer's learning rate as a share of ``lr``. Adam moves every weight by
+    # about lr per step, so at lr 1e-3 a fresh tokenizer zeroes its clip-dependent paths within
+    # ~50 steps, before anything reads its tokens; at 3 % the reader comes first (finding 11).
+    tokenizer_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,13 @@ class TokenizerTrainConfig:
     batch_size: int = 4  # per process and micro-step
     gradient_accumulation_steps: int = 1  # a DeepSpeed config with an integer value wins
     max_steps: int | None = None  # cap on stage1 + stage2 optimizer steps (tests, smoke runs)
-    # Defaults: the tiny preset on 2 CPU cores in under 15 minutes (docs/RESULTS.md). The tiny
-    # tokenizer is held at its random initialisation for all of stage 1: trained from scratch in
-    # this budget its tokens collapse as soon as it trains (docs/TOKENIZER_TRAINING.md, finding
-    # 10). stage1.tokenizer_delay_steps=0 trains it end to end from the first step (paper).
+    # Defaults: the tiny preset on 2 CPU cores in under 15 minutes (docs/RESULTS.md). Stage 1
+    # trains tokenizer and de-tokenizer end to end, the tokenizer at 3 % of the learning rate:
+    # at the full rate its tokens collapse before the de-tokenizer reads them; and it spends
+    # most steps at high noise, where only the tokens can say what to draw
+    # (docs/TOKENIZER_TRAINING.md, findings 10-11).
     stage1: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=2.0, tokenizer_delay_steps=750))
+        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=4.0, tokenizer_lr_scale=0.03))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=3e-4, warmup_steps=20,
                                                                     cond_dropout=0.05))
     weight_decay: float = 0.01
@@ -113,7 +117,8 @@ class TokenizerTrainConfig:
 PAPER_OVERRIDES: dict[str, Any] = {
     # Published setting (DESIGN.md §3/§4): lr 1e-4, guidance 7.5 with rescale 0.7.
     "batch_size": 4,
-    "stage1": {"steps": 100_000, "lr": 1e-4, "warmup_steps": 500, "timestep_shift": 1.0, "tokenizer_delay_steps": 0},
+    "stage1": {"steps": 100_000, "lr": 1e-4, "warmup_steps": 500, "timestep_shift": 1.0, "tokenizer_delay_steps": 0,
+               "tokenizer_lr_scale": 1.0},
     "stage2": {"steps": 50_000, "lr": 1e-4, "warmup_steps": 500, "cond_dropout": 0.05},
     "guidance_scale": 7.5, "sample_steps": 50, "mixed_precision": "bf16", "weight_decay": 0.05,
     "sample_every": 2000, "save_every": 2000,
@@ -183,7 +188,8 @@ def stage_lambdas(cfg: TokenizerTrainConfig) -> list:
         delay = s1.tokenizer_delay_steps
         if step < delay or step >= s1.steps:
             return 0.0
-        return _warmup_cosine(step - delay, s1.warmup_steps, s1.steps - delay, s1.min_lr_ratio)
+        return s1.tokenizer_lr_scale * _warmup_cosine(step - delay, s1.warmup_steps, s1.steps - delay,
+                                                      s1.min_lr_ratio)
 
     def detokenizer_lr(step: int) -> float:
         if step < s1.steps:

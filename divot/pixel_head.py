@@ -1,0 +1,48 @@
+"""Full-resolution head for a space-to-depth pixel U-Net (the ``tiny`` de-tokenizer).
+
+In pixel space the U-Net sees each p×p patch as 3·p² channels (32×32×3 with p = 4 → 8×8×48).
+At low noise the clean clip is the noisy input with its per-pixel noise removed, and removing
+it takes one nonlinearity per pixel value: 48 of them per position, more than a 64-channel
+first level learns in a CPU budget. Its x̂0 then keeps most of the noise (v-loss ≈ 0.94 at
+t = 10), and every sample ends in speckle (docs/TOKENIZER_TRAINING.md, finding 11).
+
+This head corrects the U-Net's x̂0 one pixel at a time: per frame, a 3×3 convolution over
+[x̂0, network input, noise level] at full resolution, then two 1×1 layers, whose output is
+added to x̂0. It works on x̂0 rather than on the raw output (v, or EDM's F), because in x0
+space the job ("snap each pixel back to a clean colour") has the same scale at every noise
+level, where in F space it is the noise itself, scaled by 1/σ. Its last layer starts at zero,
+so a fresh de-tokenizer is unchanged by it.
+
+Axes: b = batch, f = frames, c = channels, h, w = patch grid, p = patch side.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+
+class PixelHead(nn.Module):
+    def __init__(self, patch: int, width: int, num_train_timesteps: int):
+        super().__init__()
+        self.patch, self.scale = patch, 1.0 / num_train_timesteps
+        # Inputs per pixel: 3 values of x̂0, 3 of the network input, the noise level t / T.
+        self.net = nn.Sequential(nn.Conv2d(7, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, width, 1), nn.SiLU(), nn.Conv2d(width, 3, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        return rearrange(x, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=p, p2=p)
+
+    def forward(self, x0: torch.Tensor, x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Corrected ``x0``; ``x0``, ``x_in``: (b, f, 3·p², h, w) estimate and network input;
+        ``timesteps``: (b, f)."""
+        b, f = x0.shape[:2]
+        dtype = self.net[0].weight.dtype  # inputs follow the weights (DeepSpeed bf16 casts modules only)
+        pix = self._pixels(x0.to(dtype))
+        level = (timesteps.reshape(b * f, 1, 1, 1).to(dtype) * self.scale).expand(-1, 1, *pix.shape[-2:])
+        res = self.net(torch.cat([pix, self._pixels(x_in.to(dtype)), level], dim=1))
+        p = self.patch
+        return x0 + rearrange(res, "(b f) c (h p1) (w p2) -> b f (c p1 p2) h w", b=b, p1=p, p2=p).to(x0.dtype)
