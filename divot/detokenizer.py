@@ -178,10 +178,11 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                 return v
             return diffusion.v_from_x0(x_t, self.pixel_head(diffusion.x0_from_v(x_t, v, t, acp), x_t, t), t, acp)
         c_skip, c_out, c_in = diffusion.edm_coefficients(acp, t, x_t.ndim, noise.sigma_data)
-        raw = self.unet(c_in * x_t, t, context)
+        x_in = c_in * x_t
+        raw = self.unet(x_in, t, context)
         if self.pixel_head is None:
             return raw
-        x0 = self.pixel_head(c_skip * x_t + c_out * raw, c_in * x_t, t)
+        x0 = self.pixel_head(c_skip * x_t + c_out * raw, x_in, t)
         return (x0 - c_skip * x_t) / c_out
 
     def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

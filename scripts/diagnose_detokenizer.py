@@ -45,10 +45,15 @@ def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: in
     det, names = ae.detokenizer, [c for c in COLORS if c != "white"]
     palette = torch.tensor([COLORS[c] for c in names], dtype=torch.float32)
     palette = palette / palette.norm(dim=1, keepdim=True)
-    picked = [i for i in range(min(len(ds), 20 * clips)) if len(objs := ds.world.clip(ds.split, i).objects) == 1
-              and objs[0].color != "white"][:clips]
+    colours = {}  # index → colour of the single-object, non-white clips, each clip drawn once
+    for i in range(min(len(ds), 20 * clips)):
+        objects = ds.world.clip(ds.split, i).objects
+        if len(objects) == 1 and objects[0].color != "white":
+            colours[i] = objects[0].color
+        if len(colours) == clips:
+            break
+    picked, truth = list(colours), list(colours.values())
     video = torch.stack([ds[i]["video"] for i in picked])
-    truth = [ds.world.clip(ds.split, i).objects[0].color for i in picked]
     mask = (video > -0.9).any(2, keepdim=True).float()  # object pixels (b, f, 1, h, w)
     x0, tokens = det.to_x(video), ae.encode(video)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
