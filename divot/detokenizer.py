@@ -63,6 +63,9 @@ class DetokenizerConfig:
     # Pixel space only: width of a full-resolution head after the U-Net (divot/pixel_head.py);
     # 0 = none. It lets a space-to-depth U-Net remove per-pixel noise at low noise levels.
     pixel_head_width: int = 0
+    # Channels of the dense context map the pixel head reads (0 = none); the context tokens must
+    # lie on context_grid (divot/pixel_head.py).
+    pixel_head_context: int = 0
     unet: UNetConfig = field(default_factory=UNetConfig)
     noise: diffusion.NoiseConfig = field(default_factory=diffusion.NoiseConfig)
     # A distilled one-step generator (training/distill_detokenizer.py, after SF-V): decode()
@@ -92,7 +95,8 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             raise ValueError(f"space must be 'pixel' or 'latent', got {config.space!r}")
         if config.unet.in_channels != config.x_channels or config.unet.out_channels != config.x_channels:
             raise ValueError(f"unet in/out channels must be {config.x_channels} for space={config.space}")
-        uses_grid = bool(config.resampler_locality) or config.unet.cross_attention_locality > 0
+        uses_grid = (bool(config.resampler_locality) or config.unet.cross_attention_locality > 0
+                     or config.pixel_head_context > 0)
         if uses_grid and math.prod(config.context_grid) != config.context_tokens:
             raise ValueError(f"context_grid {tuple(config.context_grid)} must hold the {config.context_tokens} "
                              f"context tokens")
@@ -113,7 +117,10 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         self.unet = VideoUNet(config.unet, context_grid=config.context_grid)
         if config.pixel_head_width and config.space != "pixel":
             raise ValueError("pixel_head_width needs space='pixel'")
-        self.pixel_head = (PixelHead(config.pixel_patch, config.pixel_head_width, config.noise.num_train_timesteps)
+        if config.pixel_head_context and not config.pixel_head_width:
+            raise ValueError("pixel_head_context needs a pixel head (pixel_head_width > 0)")
+        self.pixel_head = (PixelHead(config.pixel_patch, config.pixel_head_width, config.noise.num_train_timesteps,
+                                     config.context_dim, config.pixel_head_context, config.context_grid)
                            if config.pixel_head_width else None)
         self.register_buffer("null_tokens", torch.zeros(1, config.num_tokens, config.token_dim))
         self.register_buffer("alphas_cumprod", diffusion.alphas_cumprod(config.noise), persistent=False)
@@ -176,13 +183,14 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             v = self.unet(x_t, t, context)
             if self.pixel_head is None:
                 return v
-            return diffusion.v_from_x0(x_t, self.pixel_head(diffusion.x0_from_v(x_t, v, t, acp), x_t, t), t, acp)
+            x0 = self.pixel_head(diffusion.x0_from_v(x_t, v, t, acp), x_t, t, context)
+            return diffusion.v_from_x0(x_t, x0, t, acp)
         c_skip, c_out, c_in = diffusion.edm_coefficients(acp, t, x_t.ndim, noise.sigma_data)
         x_in = c_in * x_t
         raw = self.unet(x_in, t, context)
         if self.pixel_head is None:
             return raw
-        x0 = self.pixel_head(c_skip * x_t + c_out * raw, x_in, t)
+        x0 = self.pixel_head(c_skip * x_t + c_out * raw, x_in, t, context)
         return (x0 - c_skip * x_t) / c_out
 
     def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -13,21 +13,43 @@ space the job ("snap each pixel back to a clean colour") has the same scale at e
 level, where in F space it is the noise itself, scaled by 1/σ. Its last layer starts at zero,
 so a fresh de-tokenizer is unchanged by it.
 
-Axes: b = batch, f = frames, c = channels, h, w = patch grid, p = patch side.
+With ``context_channels`` > 0 the head also reads a dense map of the condition: the
+de-tokenizer's context tokens sit on a (frames, h, w) grid, a linear layer maps each to
+``context_channels`` values, and trilinear interpolation spreads them over every pixel of every
+frame. The U-Net learns where an object is long before it learns which colour the tokens say
+it has (finding 11): a pixel's colour is then a short, local function (brightness of x̂0 times
+the colour its token names), which a per-pixel MLP learns in few steps (finding 12).
+
+Axes: b = batch, f = frames, c = channels, h, w = patch grid (H, W: pixels), p = patch side,
+n = context tokens, d = context width, k = context channels.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 
 class PixelHead(nn.Module):
-    def __init__(self, patch: int, width: int, num_train_timesteps: int):
+    def __init__(self, patch: int, width: int, num_train_timesteps: int, context_dim: int = 0,
+                 context_channels: int = 0, context_grid: tuple[int, int, int] | None = None):
         super().__init__()
         self.patch, self.scale = patch, 1.0 / num_train_timesteps
-        # Inputs per pixel: 3 values of x̂0, 3 of the network input, the noise level t / T.
-        self.net = nn.Sequential(nn.Conv2d(7, width, 3, padding=1), nn.SiLU(),
+        self.context_grid = tuple(context_grid) if context_channels else None
+        if context_channels and (context_dim <= 0 or self.context_grid is None or len(self.context_grid) != 3):
+            raise ValueError("a pixel head with context_channels needs context_dim and a (frames, h, w) context_grid")
+        self.context_proj = nn.Linear(context_dim, context_channels) if context_channels else None
+        if self.context_proj is not None:
+            # Zero at first, so the fresh head's hidden units answer to the pixels alone: denoising
+            # (its first job) is not drowned by context channels that outnumber the pixel ones.
+            nn.init.zeros_(self.context_proj.weight)
+            nn.init.zeros_(self.context_proj.bias)
+        # Inputs per pixel: 3 values of x̂0, 3 of the network input, the noise level t / T,
+        # and the interpolated context map.
+        self.net = nn.Sequential(nn.Conv2d(7 + context_channels, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, width, 1), nn.SiLU(), nn.Conv2d(width, 3, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -36,13 +58,30 @@ class PixelHead(nn.Module):
         p = self.patch
         return rearrange(x, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=p, p2=p)
 
-    def forward(self, x0: torch.Tensor, x_in: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def context_map(self, context: torch.Tensor, frames: int, size: tuple[int, int]) -> torch.Tensor:
+        """((b f), k, H, W): the context tokens (b, n, d), laid on their grid, projected to k
+        channels and interpolated to every pixel. Cell centres follow ``grid_coords``."""
+        g = self.context_grid
+        if context.shape[1] != math.prod(g):
+            raise ValueError(f"pixel head context grid {g} needs {math.prod(g)} context tokens, got {context.shape[1]}")
+        cells = rearrange(self.context_proj(context), "b (f h w) k -> b k f h w", f=g[0], h=g[1], w=g[2])
+        dense = F.interpolate(cells, size=(frames, *size), mode="trilinear", align_corners=False)
+        return rearrange(dense, "b k f h w -> (b f) k h w")
+
+    def forward(self, x0: torch.Tensor, x_in: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Corrected ``x0``; ``x0``, ``x_in``: (b, f, 3·p², h, w) estimate and network input;
-        ``timesteps``: (b, f)."""
+        ``timesteps``: (b, f); ``context`` (b, n, d): the U-Net's context, read when the head has
+        ``context_channels``."""
         b, f = x0.shape[:2]
         dtype = self.net[0].weight.dtype  # inputs follow the weights (DeepSpeed bf16 casts modules only)
         pix = self._pixels(x0.to(dtype))
         level = (timesteps.reshape(b * f, 1, 1, 1).to(dtype) * self.scale).expand(-1, 1, *pix.shape[-2:])
-        res = self.net(torch.cat([pix, self._pixels(x_in.to(dtype)), level], dim=1))
+        inputs = [pix, self._pixels(x_in.to(dtype)), level]
+        if self.context_proj is not None:
+            if context is None:
+                raise ValueError("this pixel head reads the context: pass context")
+            inputs.append(self.context_map(context.to(dtype), f, pix.shape[-2:]))
+        res = self.net(torch.cat(inputs, dim=1))
         p = self.patch
         return x0 + rearrange(res, "(b f) c (h p1) (w p2) -> b f (c p1 p2) h w", b=b, p1=p, p2=p).to(x0.dtype)

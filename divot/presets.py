@@ -39,8 +39,9 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         "resampler_depth": 0, "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32,
         "space": "pixel", "pixel_patch": 4,
         # A full-resolution head corrects x̂0 pixel by pixel: without it the U-Net leaves the
-        # noise of low noise levels in every sample (divot/pixel_head.py, finding 11).
-        "pixel_head_width": 32,
+        # noise of low noise levels in every sample (divot/pixel_head.py, finding 11). It also
+        # reads a dense map of the context, from which it learns the objects' colours (finding 12).
+        "pixel_head_width": 64, "pixel_head_context": 32,
         # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
         "noise": {"parameterization": "edm"},
         # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). The top level

@@ -141,7 +141,8 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
                         layers_per_block=1, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
     cfg = presets.detokenizer_config(
-        "tiny", space="latent", pixel_head_width=0, vae_path=str(tmp_path / "vae"), vae_downsample=2, frame_size=16, vae_decode_batch=5,
+        "tiny", space="latent", pixel_head_width=0, pixel_head_context=0, vae_path=str(tmp_path / "vae"),
+        vae_downsample=2, frame_size=16, vae_decode_batch=5,
         unet={"in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
               "attention_levels": [False, True], "norm_num_groups": 4})
     det = DivotDetokenizer(cfg)
@@ -209,7 +210,7 @@ def test_edm_parameterization_gives_exact_v_for_the_ideal_output(tiny):
     real = det.unet
     det.unet = Ideal()
     try:
-        v = det.predict_v(x_t, t, torch.zeros(2, 32, 128))
+        v = det.predict_v(x_t, t, torch.zeros(2, 64, 128))
     finally:
         det.unet = real
     assert torch.allclose(v, diffusion.v_target(x0, eps, t, acp), atol=1e-3)

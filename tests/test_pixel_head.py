@@ -9,9 +9,11 @@ from divot.pixel_head import PixelHead
 from divot.shapes import COLORS
 
 
-def test_fresh_head_leaves_the_unet_output_unchanged_and_round_trips(tmp_path):
+@pytest.mark.parametrize("context_channels", [0, 8])
+def test_fresh_head_leaves_the_unet_output_unchanged_and_round_trips(tmp_path, context_channels):
     torch.manual_seed(0)
-    det = DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_width=16)).eval()
+    det = DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_width=16,
+                                                      pixel_head_context=context_channels)).eval()
     with torch.no_grad():
         det.unet.conv_out.weight.normal_(std=0.02)  # a non-zero U-Net output to compare with
     x, t, tokens = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
@@ -31,6 +33,11 @@ def test_fresh_head_leaves_the_unet_output_unchanged_and_round_trips(tmp_path):
     with pytest.raises(ValueError, match="pixel_head_width needs space='pixel'"):
         DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_width=16, space="latent", pixel_patch=1,
                                                     unet={"in_channels": 4, "out_channels": 4}))
+    with pytest.raises(ValueError, match="pixel_head_context needs a pixel head"):
+        DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_width=0, pixel_head_context=8))
+    with pytest.raises(ValueError, match="must hold the 64 context tokens"):
+        DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_context=8, context_grid=[2, 4, 4],
+                                                    unet={"cross_attention_locality": 0.0}))
 
 
 def test_head_learns_to_remove_per_pixel_noise():
@@ -58,3 +65,47 @@ def test_head_learns_to_remove_per_pixel_noise():
     with torch.no_grad():
         err = (head(x_in, x_in, torch.full((2, 4), 50)) - x0).pow(2).mean().item()
     assert err < 0.5 * sigma ** 2, err
+
+
+def _train_colour_task(context_channels: int, steps: int = 250) -> float:
+    """Grey squares on black as the estimate; each square's true colour is named only by the
+    context token of its quadrant (a (1, 2, 2) grid). Returns the held-out error."""
+    torch.manual_seed(0)
+    palette = torch.tensor(list(COLORS.values())) / 127.5 - 1
+    head = PixelHead(patch=4, width=32, num_train_timesteps=1000, context_dim=8,
+                     context_channels=context_channels, context_grid=(1, 2, 2))
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    for y in (2, 10):
+        for x in (2, 10):
+            mask[y:y + 4, x:x + 4] = True
+
+    def fold(v):
+        return rearrange(v, "b f c (h p1) (w p2) -> b f (c p1 p2) h w", p1=4, p2=4)
+
+    def batch(b=4, f=2):
+        which = torch.randint(len(palette), (b, 4))  # one colour per quadrant
+        colour = rearrange(palette[which], "b (qh qw) c -> b c qh qw", qh=2)
+        colour = colour.repeat_interleave(8, -2).repeat_interleave(8, -1)  # (b, 3, 16, 16)
+        clean = torch.where(mask, colour, torch.tensor(-1.0))[:, None].expand(b, f, 3, 16, 16)
+        grey = torch.where(mask, torch.tensor(0.6), torch.tensor(-1.0)).expand(b, f, 3, 16, 16)
+        context = torch.nn.functional.one_hot(which, 8).float()  # (b, 4 tokens, 8)
+        return fold(grey), fold(clean), context
+
+    t = torch.full((4, 2), 999)
+    for _ in range(steps):
+        grey, clean, context = batch()
+        loss = (head(grey, grey, t, context) - clean).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    grey, clean, context = batch()
+    with torch.no_grad():
+        return (head(grey, grey, t, context) - clean).pow(2).mean().item()
+
+
+def test_head_with_context_reads_the_colour_its_token_names():
+    """Without the context map the head can only learn the mean colour; with it, the error
+    must fall far below that."""
+    blind, reading = _train_colour_task(0), _train_colour_task(8)
+    assert reading < 0.3 * blind, (reading, blind)

@@ -71,10 +71,10 @@ class TokenizerTrainConfig:
     # Defaults: the tiny preset on 2 CPU cores in under 15 minutes (docs/RESULTS.md). Stage 1
     # trains tokenizer and de-tokenizer end to end, the tokenizer at 3 % of the learning rate:
     # at the full rate its tokens collapse before the de-tokenizer reads them; and it spends
-    # most steps at high noise, where only the tokens can say what to draw
-    # (docs/TOKENIZER_TRAINING.md, findings 10-11).
+    # more steps at high noise, where only the tokens can say what to draw
+    # (docs/TOKENIZER_TRAINING.md, findings 10-12).
     stage1: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=4.0, tokenizer_lr_scale=0.03))
+        steps=750, lr=1e-3, warmup_steps=50, timestep_shift=2.0, tokenizer_lr_scale=0.03))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=3e-4, warmup_steps=20,
                                                                     cond_dropout=0.05))
     weight_decay: float = 0.01
@@ -102,7 +102,7 @@ class TokenizerTrainConfig:
     sample_clips: int = 4
     sample_steps: int = 25
     sampler: str = "ddim"
-    guidance_scale: float = 3.0
+    guidance_scale: float = 2.0  # tiny; sweep in docs/TOKENIZER_TRAINING.md, finding 12
     guidance_rescale: float = 0.7
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
