@@ -13,6 +13,14 @@ reading the inputs near its own place. Without it a fresh resampler averages its
 input and keeps almost nothing of where things are; with it, even a random tokenizer's
 tokens can be read back (docs/TOKENIZER_TRAINING.md, finding 8).
 
+Optional local queries (``local_queries``, off by default and in ``paper``): each latent starts
+as its learned vector plus the (projected) input interpolated to the latent's place on the
+grid, instead of the learned vector alone. A fresh resampler's attention is a weighted average,
+which keeps what dominates the input's variance (where an object is, its colour) and loses the
+small details (its shape: a read-out finds it in 98 % of clips in the resampler's input and in
+77 % of its output; with local queries 95 %, finding 13). The queries then carry the local
+input through the residual stream, and attention adds context to it.
+
 Axes: b = batch, n = input tokens, l = latents, d = width, h = heads.
 """
 from __future__ import annotations
@@ -83,16 +91,23 @@ class PerceiverResampler(nn.Module):
     def __init__(self, input_dim: int, dim: int, output_dim: int, num_latents: int,
                  depth: int, heads: int, dim_head: int = 64, ff_mult: int = 4,
                  locality: tuple[float, ...] = (), input_grid: tuple[int, ...] | None = None,
-                 latent_grid: tuple[int, ...] | None = None):
+                 latent_grid: tuple[int, ...] | None = None, local_queries: bool = False):
         super().__init__()
         self.num_inputs = None
-        if locality:
-            if len(locality) != heads or any(s < 0 for s in locality):
-                raise ValueError(f"locality needs one σ >= 0 per head ({heads}), got {tuple(locality)}")
+        if locality and (len(locality) != heads or any(s < 0 for s in locality)):
+            raise ValueError(f"locality needs one σ >= 0 per head ({heads}), got {tuple(locality)}")
+        if locality or local_queries:
+            what = "locality" if locality else "local_queries"
             if input_grid is None or latent_grid is None or math.prod(latent_grid) != num_latents:
-                raise ValueError(f"locality needs input_grid and a latent_grid of {num_latents} cells, "
+                raise ValueError(f"{what} needs input_grid and a latent_grid of {num_latents} cells, "
+                                 f"got {input_grid} and {latent_grid}")
+            if local_queries and not 1 <= len(input_grid) == len(latent_grid) <= 3:
+                raise ValueError(f"local_queries needs input and latent grids of one rank (1 to 3), "
                                  f"got {input_grid} and {latent_grid}")
             self.num_inputs = math.prod(input_grid)
+        self.input_grid = tuple(input_grid) if local_queries else None
+        self.latent_grid = tuple(latent_grid) if local_queries else None
+        if locality:
             # Derived from the config, so not saved: checkpoints stay loadable either way.
             self.register_buffer("attn_bias", locality_bias(tuple(latent_grid), tuple(input_grid),
                                                             tuple(locality))[None], persistent=False)
@@ -104,15 +119,27 @@ class PerceiverResampler(nn.Module):
             nn.ModuleList([PerceiverAttention(dim, dim_head, heads), feed_forward(dim, ff_mult)])
             for _ in range(depth))
 
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, l, d): the inputs (b, n, d), laid on ``input_grid``, interpolated to ``latent_grid``
+        (cell centres align, as in :func:`grid_coords`)."""
+        axes = [f"g{i}" for i in range(len(self.input_grid))]
+        shape = dict(zip(axes, self.input_grid))
+        grid = rearrange(x, f"b ({' '.join(axes)}) d -> b d {' '.join(axes)}", **shape)
+        mode = ("linear", "bilinear", "trilinear")[len(axes) - 1]
+        grid = F.interpolate(grid, size=self.latent_grid, mode=mode, align_corners=False)
+        return rearrange(grid, f"b d {' '.join(axes)} -> b ({' '.join(axes)}) d")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None
         if self.num_inputs is not None:
             if x.shape[1] != self.num_inputs:
-                raise ValueError(f"resampler with a locality prior expects {self.num_inputs} inputs, "
+                raise ValueError(f"resampler on an input grid expects {self.num_inputs} inputs, "
                                  f"got {x.shape[1]}")
-            bias = self.attn_bias
+            bias = getattr(self, "attn_bias", None)
         latents = self.latents.expand(x.shape[0], -1, -1)
         x = self.proj_in(x)
+        if self.input_grid is not None:
+            latents = latents + self._local(x)
         for attn, ff in self.layers:
             latents = attn(x, latents, bias) + latents
             latents = ff(latents) + latents

@@ -48,6 +48,8 @@ class TokenizerConfig:
     # Locality prior of the resampler (divot/resampler.py): one σ per resampler head, () = off.
     # The inputs sit on (num_frames, pool_size, pool_size), the tokens on token_grid.
     resampler_locality: tuple[float, ...] = ()
+    # Latents start from the input at their place on token_grid (divot/resampler.py, finding 13).
+    resampler_local_queries: bool = False
     token_grid: tuple[int, int, int] = (4, 4, 4)
 
 
@@ -117,7 +119,7 @@ class SpaceTimeDown(nn.Module):
             input_dim=d, dim=d, output_dim=cfg.token_dim, num_latents=cfg.num_tokens,
             depth=cfg.resampler_depth, heads=cfg.resampler_heads, dim_head=cfg.resampler_dim_head,
             locality=cfg.resampler_locality, input_grid=(cfg.num_frames, cfg.pool_size, cfg.pool_size),
-            latent_grid=cfg.token_grid)
+            latent_grid=cfg.token_grid, local_queries=cfg.resampler_local_queries)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, f·s, d) → (b, num_tokens, token_dim)."""

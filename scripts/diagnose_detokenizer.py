@@ -15,11 +15,19 @@ no longer passes its input on). Last, whether the tokens carry colour to the dra
 single-object clips of a non-white colour, the mean hue of x̂0 inside the object, from pure
 noise (t = 999) and from t = 500, is matched to the nearest non-white palette colour
 (chance: 1 in 5).
+
+With ``--partial`` it also asks at which noise level an attribute is lost: each clip is noised
+to t, then the sampler (25 DDIM steps, guidance ``--guidance``) runs the rest of the way down,
+and the probe reads colour, shape and direction from the result. An attribute kept from
+t = 300 but lost from t = 700 is one that the low-noise steps draw well but that the tokens do
+not supply (docs/TOKENIZER_TRAINING.md, finding 13).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import functools
 
 import torch
 
@@ -27,6 +35,7 @@ from divot import config as cfglib
 from divot import diffusion
 from divot.autoencoder import VideoAutoencoder
 from divot.modeling import WEIGHTS_NAME
+from divot.probe import probe_agrees, probe_clip
 from divot.shapes import COLORS, ShapesVideoDataset
 from training.tokenizer_setup import TokenizerTrainConfig, init_model_overrides, load_init
 
@@ -69,12 +78,43 @@ def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: in
               f"(nearest of the {len(names)} non-white colours; chance {1 / len(names):.2f})")
 
 
+@torch.no_grad()
+def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, guidance: float,
+                     seed: int, starts=(999, 700, 500, 300, 150)) -> None:
+    """Probe agreement of samples that start from the real clip noised to each level in ``starts``."""
+    det = ae.detokenizer
+    items = [ds[i] for i in range(clips)]
+    video = torch.stack([item["video"] for item in items])
+    truth = [ds.world.clip(ds.split, i) for i in range(clips)]
+    x0, tokens = det.to_x(video), ae.encode(video)
+    cond = torch.cat([det.context(tokens), det.context(det.null_tokens.to(tokens.dtype).expand_as(tokens))])
+    v_fn = functools.partial(det._guided_v, cond=cond, scale=guidance, rescale=0.7)
+    for start in starts:
+        sched = diffusion.make_sampler(det.config.noise, "ddim")
+        sched.set_timesteps(25)
+        k = next(i for i, t in enumerate(sched.timesteps.tolist()) if t <= start)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        t0 = torch.full(x0.shape[:2], int(sched.timesteps[k]))
+        x = diffusion.q_sample(x0, noise, t0, det.alphas_cumprod)
+        for t in sched.timesteps[k:]:
+            x = sched.step(v_fn(x, torch.full(x.shape[:2], int(t))), t, x).prev_sample
+        found = [probe_clip(v) for v in det.from_x(x).clamp(-1, 1)]
+        score = {c: sum(probe_agrees(p, clip, check=(c,)) for p, clip in zip(found, truth)) / clips
+                 for c in ("color", "shape", "direction")}
+        both = sum(probe_agrees(p, clip) for p, clip in zip(found, truth)) / clips
+        print(f"sampling from the clip noised to t={int(t0[0, 0]):4d}: probe agreement {both:.3f} "
+              f"(colour {score['color']:.3f}, shape {score['shape']:.3f}, direction {score['direction']:.3f})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="run directory with tokenizer/ and detokenizer/, or one of its "
                    "checkpoints/step_* directories")
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partial", type=int, default=0, metavar="CLIPS",
+                   help="also sample CLIPS clips from partly noised inputs (see above); 0 = skip")
+    p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of --partial")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     ae = load(Path(args.checkpoint))
@@ -113,6 +153,8 @@ def main(argv=None) -> None:
             out = det.decode(tokens, steps=25, guidance_scale=g, generator=torch.Generator().manual_seed(0))
             print(f"decode, guidance {g}: MSE {((out - video) ** 2).mean().item():.4f}")
     hue_check(ae, ds, 4 * args.clips, args.seed)
+    if args.partial:
+        partial_sampling(ae, ShapesVideoDataset("test", size=ae.frame_size), args.partial, args.guidance, args.seed)
 
 
 if __name__ == "__main__":

@@ -148,3 +148,41 @@ def test_detokenizer_without_resampler_projects_the_tokens(tmp_path):
         assert torch.equal(det(x, t, tokens[:1]), DivotDetokenizer.from_pretrained(tmp_path).eval()(x, t, tokens[:1]))
     with pytest.raises(ValueError, match="resampler_depth=0 needs"):
         DivotDetokenizer(presets.detokenizer_config("tiny", context_tokens=32, context_grid=(2, 4, 4)))
+
+
+def test_local_queries_start_from_the_input_at_their_place():
+    """Latent (0, 0) starts as the input there, so a change at that input moves it more than
+    the latents far away, without any attention prior; without local queries all can move alike."""
+    torch.manual_seed(0)
+    kw = dict(num_latents=4, depth=1, heads=2, dim_head=8, input_grid=(1, 2, 2), latent_grid=(1, 2, 2))
+    local = PerceiverResampler(8, 16, 8, local_queries=True, **kw).eval()
+    assert "attn_bias" not in dict(local.named_buffers())  # no locality prior: global attention
+    x = torch.randn(1, 4, 8)
+    moved = x.clone()
+    moved[0, 0] += 3.0
+    with torch.no_grad():
+        delta = (local(moved) - local(x)).norm(dim=-1)[0]
+        # Same inputs laid on a finer latent grid: interpolation, cell centres aligned.
+        assert torch.allclose(local._local(x), x, atol=1e-6)
+    assert delta[0] > 3 * delta[1:].max()
+
+    torch.manual_seed(0)
+    plain = PerceiverResampler(8, 16, 8, num_latents=4, depth=1, heads=2, dim_head=8).eval()
+    with torch.no_grad():
+        delta_plain = (plain(moved) - plain(x)).norm(dim=-1)[0]
+    assert delta_plain[0] < 3 * delta_plain[1:].max()  # some far latent moves as much
+
+
+def test_local_queries_errors_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="local_queries needs input_grid"):
+        PerceiverResampler(8, 16, 8, 4, 1, heads=1, local_queries=True)
+    with pytest.raises(ValueError, match="of one rank"):
+        PerceiverResampler(8, 16, 8, 4, 1, heads=1, local_queries=True, input_grid=(4, 1), latent_grid=(4,))
+    torch.manual_seed(0)
+    tok = DivotTokenizer(presets.tokenizer_config("tiny", resampler_local_queries=True)).eval()
+    tok.save_pretrained(tmp_path / "tok")
+    tok2 = DivotTokenizer.from_pretrained(tmp_path / "tok").eval()
+    assert tok2.config.resampler_local_queries
+    video = torch.rand(1, 5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tok(video), tok2(video))

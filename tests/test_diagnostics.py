@@ -25,3 +25,35 @@ def test_hue_check_counts_single_object_clips(capsys):
     counts = [re.search(r"t= *(\d+): right in (\d+) of (\d+)", line).groups() for line in lines]
     assert [t for t, _, _ in counts] == ["999", "500"]
     assert all(int(n) == 3 and 0 <= int(k) <= 3 for _, k, n in counts)
+
+
+def test_partial_sampling_keeps_what_the_input_still_shows(capsys):
+    """From a barely noised clip even a fresh de-tokenizer ends on the clip: the probe agrees."""
+    torch.manual_seed(0)
+    ae = VideoAutoencoder(DivotTokenizer(presets.tokenizer_config("tiny")),
+                          DivotDetokenizer(presets.detokenizer_config("tiny"))).eval()
+    ds = ShapesVideoDataset("test", size=32)
+    diagnose_detokenizer.partial_sampling(ae, ds, clips=2, guidance=2.0, seed=0, starts=(999, 40))
+    lines = capsys.readouterr().out.splitlines()
+    rows = [re.search(r"t= *(\d+): probe agreement ([\d.]+) \(colour ([\d.]+), shape ([\d.]+)", line).groups()
+            for line in lines]
+    assert len(rows) == 2 and int(rows[0][0]) > 900 and int(rows[1][0]) <= 40
+    assert float(rows[1][1]) == 1.0  # the input alone still carries every attribute
+
+
+def test_probe_tokens_reads_colour_from_a_fresh_tokenizer(capsys):
+    import probe_tokens
+
+    report = probe_tokens.main(["--fresh", "--clips", "160", "--test", "60", "--steps", "30",
+                                "--stage", "resampler", "--stage", "tokens"])
+    assert set(report) >= {"resampler", "tokens"} and "vit" not in report
+    for stage in ("resampler", "tokens"):
+        assert set(report[stage]) == {"color", "shape", "direction"}
+        assert report[stage]["color"]["set"] > 0.5  # chance 1/6: colour survives a random tokenizer
+    assert json_line(capsys.readouterr().out) == report
+
+
+def json_line(out: str) -> dict:
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
