@@ -25,9 +25,8 @@ not supply (docs/TOKENIZER_TRAINING.md, finding 13).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import functools
+from pathlib import Path
 
 import torch
 
@@ -83,8 +82,7 @@ def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, g
                      seed: int, starts=(999, 700, 500, 300, 150)) -> None:
     """Probe agreement of samples that start from the real clip noised to each level in ``starts``."""
     det = ae.detokenizer
-    items = [ds[i] for i in range(clips)]
-    video = torch.stack([item["video"] for item in items])
+    video = torch.stack([ds[i]["video"] for i in range(clips)])
     truth = [ds.world.clip(ds.split, i) for i in range(clips)]
     x0, tokens = det.to_x(video), ae.encode(video)
     cond = torch.cat([det.context(tokens), det.context(det.null_tokens.to(tokens.dtype).expand_as(tokens))])
