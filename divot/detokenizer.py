@@ -243,8 +243,14 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
     def decode(self, tokens: torch.Tensor, steps: int = 50, guidance_scale: float = 7.5,
                guidance_rescale: float = 0.7, sampler: str = "ddim", generator: torch.Generator | None = None,
                num_frames: int | None = None, callback: Callable[[int, int], None] | None = None,
-               known_frames=None, known_method: str = "clean", guidance_weight: float = 2.0) -> torch.Tensor:
+               known_frames=None, known_method: str = "clean", guidance_weight: float = 2.0,
+               init_video: torch.Tensor | None = None, init_t: int | None = None) -> torch.Tensor:
         """Sample a clip (b, f, 3, H, W) in [-1, 1] from tokens (b, n, d) (DESIGN.md §3 defaults).
+
+        ``init_video`` (b, f, 3, H, W) with ``init_t`` starts from that clip noised to the
+        sampler's first timestep ≤ ``init_t`` instead of from pure noise (SDEdit); the
+        steps above it are skipped. It tells at which noise level the tokens must take over
+        (``scripts/diagnose_detokenizer.py --partial``).
 
         ``known_frames`` fixes frames (image-to-video, prediction, interpolation, extension):
         {frame index: (3, H, W) or (b, 3, H, W)} or (mask (f,) or (b, f), video (b, f, 3, H, W)),
@@ -265,6 +271,11 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         sched.set_timesteps(steps, device=tokens.device)
         shape = (b, f, cfg.x_channels, cfg.x_size, cfg.x_size)
         x = torch.randn(shape, generator=generator, device=tokens.device) * sched.init_noise_sigma
+        timesteps = sched.timesteps
+        if init_video is not None:
+            timesteps = self._start_from(init_video, init_t, sched, x)
+            x = diffusion.q_sample(self.to_x(init_video.to(x.device, x.dtype)), x,
+                                   torch.full(shape[:2], int(timesteps[0]), device=x.device), self.alphas_cumprod)
         cond = self.context(tokens)
         # Stochastic samplers take the generator; deterministic ones (UniPC) have no such argument.
         step_kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
@@ -274,7 +285,7 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
         v_fn = functools.partial(self._guided_v, cond=cond, scale=guidance_scale, rescale=guidance_rescale)
         if known is not None:
             mask, x_a = known.mask.to(x.device), self.to_x(known.video.to(x.device, x.dtype))
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             x_in = sched.scale_model_input(x, t)
             ts = torch.full(x_in.shape[:2], int(t), device=x.device, dtype=torch.long)
             if known is None:
@@ -284,8 +295,21 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                                                 guidance_weight, generator)
             x = sched.step(v, t, x, **step_kw).prev_sample
             if callback is not None:
-                callback(i + 1, steps)
+                callback(i + 1, len(timesteps))
         return self.from_x(x if known is None else conditioning.paste_known(x, x_a, mask))
+
+    @staticmethod
+    def _start_from(init_video: torch.Tensor, init_t: int | None, sched, noise: torch.Tensor) -> torch.Tensor:
+        """The timesteps left when sampling starts from ``init_video`` noised to ``init_t``."""
+        if init_t is None or init_video.shape[:2] != noise.shape[:2]:
+            raise ValueError(f"init_video needs init_t and {tuple(noise.shape[:2])} (batch, frames), got "
+                             f"init_t={init_t} and a video of shape {tuple(init_video.shape)}")
+        if sched.init_noise_sigma != 1.0:  # σ-space samplers (Euler) do not take a q_sample'd input
+            raise ValueError("init_video needs a sampler in variance-preserving form (ddim, dpm++, unipc)")
+        left = sched.timesteps[sched.timesteps <= init_t]
+        if len(left) == 0:
+            raise ValueError(f"init_t={init_t} lies below every sampler timestep {sched.timesteps.tolist()}")
+        return left
 
     def _guided_v(self, x_in: torch.Tensor, ts: torch.Tensor, cond: torch.Tensor, scale: float,
                   rescale: float) -> torch.Tensor:

@@ -25,12 +25,11 @@ n = context tokens, d = context width, k = context channels.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from divot.resampler import interpolate_grid
 
 
 class PixelHead(nn.Module):
@@ -60,12 +59,8 @@ class PixelHead(nn.Module):
 
     def context_map(self, context: torch.Tensor, frames: int, size: tuple[int, int]) -> torch.Tensor:
         """((b f), k, H, W): the context tokens (b, n, d), laid on their grid, projected to k
-        channels and interpolated to every pixel. Cell centres follow ``grid_coords``."""
-        g = self.context_grid
-        if context.shape[1] != math.prod(g):
-            raise ValueError(f"pixel head context grid {g} needs {math.prod(g)} context tokens, got {context.shape[1]}")
-        cells = rearrange(self.context_proj(context), "b (f h w) k -> b k f h w", f=g[0], h=g[1], w=g[2])
-        dense = F.interpolate(cells, size=(frames, *size), mode="trilinear", align_corners=False)
+        channels and interpolated to every pixel."""
+        dense = interpolate_grid(self.context_proj(context), self.context_grid, (frames, *size))
         return rearrange(dense, "b k f h w -> (b f) k h w")
 
     def forward(self, x0: torch.Tensor, x_in: torch.Tensor, timesteps: torch.Tensor,

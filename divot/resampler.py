@@ -46,6 +46,17 @@ def grid_coords(grid: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
 
 
+def interpolate_grid(x: torch.Tensor, grid: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+    """(b, d, *size): tokens (b, n, d) laid row-major on ``grid`` (1 to 3 axes), interpolated
+    (bi/trilinearly) to ``size``; cell centres align, as in :func:`grid_coords`."""
+    if x.shape[1] != math.prod(grid):
+        raise ValueError(f"grid {tuple(grid)} needs {math.prod(grid)} tokens, got {x.shape[1]}")
+    axes = " ".join(f"g{i}" for i in range(len(grid)))
+    cells = rearrange(x, f"b ({axes}) d -> b d {axes}", **{f"g{i}": g for i, g in enumerate(grid)})
+    mode = ("linear", "bilinear", "trilinear")[len(grid) - 1]
+    return F.interpolate(cells, size=tuple(size), mode=mode, align_corners=False)
+
+
 def locality_bias(latent_grid: tuple[int, ...], input_grid: tuple[int, ...],
                   sigmas: tuple[float, ...]) -> torch.Tensor:
     """Additive attention logits (h, l, n + l) for keys [inputs; latents], the order of
@@ -120,14 +131,8 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth))
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, l, d): the inputs (b, n, d), laid on ``input_grid``, interpolated to ``latent_grid``
-        (cell centres align, as in :func:`grid_coords`)."""
-        axes = [f"g{i}" for i in range(len(self.input_grid))]
-        shape = dict(zip(axes, self.input_grid))
-        grid = rearrange(x, f"b ({' '.join(axes)}) d -> b d {' '.join(axes)}", **shape)
-        mode = ("linear", "bilinear", "trilinear")[len(axes) - 1]
-        grid = F.interpolate(grid, size=self.latent_grid, mode=mode, align_corners=False)
-        return rearrange(grid, f"b d {' '.join(axes)} -> b ({' '.join(axes)}) d")
+        """(b, l, d): the inputs (b, n, d), laid on ``input_grid``, interpolated to ``latent_grid``."""
+        return interpolate_grid(x, self.input_grid, self.latent_grid).flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None

@@ -25,7 +25,6 @@ not supply (docs/TOKENIZER_TRAINING.md, finding 13).
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 import torch
@@ -84,23 +83,18 @@ def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, g
     det = ae.detokenizer
     video = torch.stack([ds[i]["video"] for i in range(clips)])
     truth = [ds.world.clip(ds.split, i) for i in range(clips)]
-    x0, tokens = det.to_x(video), ae.encode(video)
-    cond = torch.cat([det.context(tokens), det.context(det.null_tokens.to(tokens.dtype).expand_as(tokens))])
-    v_fn = functools.partial(det._guided_v, cond=cond, scale=guidance, rescale=0.7)
+    tokens = ae.encode(video)
+    sched = diffusion.make_sampler(det.config.noise, "ddim")  # only to name the level reached
+    sched.set_timesteps(25)
     for start in starts:
-        sched = diffusion.make_sampler(det.config.noise, "ddim")
-        sched.set_timesteps(25)
-        k = next(i for i, t in enumerate(sched.timesteps.tolist()) if t <= start)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        t0 = torch.full(x0.shape[:2], int(sched.timesteps[k]))
-        x = diffusion.q_sample(x0, noise, t0, det.alphas_cumprod)
-        for t in sched.timesteps[k:]:
-            x = sched.step(v_fn(x, torch.full(x.shape[:2], int(t))), t, x).prev_sample
-        found = [probe_clip(v) for v in det.from_x(x).clamp(-1, 1)]
+        out = det.decode(tokens, steps=25, guidance_scale=guidance, sampler="ddim", init_video=video,
+                         init_t=start, generator=torch.Generator().manual_seed(seed))
+        found = [probe_clip(v) for v in out.clamp(-1, 1)]
         score = {c: sum(probe_agrees(p, clip, check=(c,)) for p, clip in zip(found, truth)) / clips
                  for c in ("color", "shape", "direction")}
         both = sum(probe_agrees(p, clip) for p, clip in zip(found, truth)) / clips
-        print(f"sampling from the clip noised to t={int(t0[0, 0]):4d}: probe agreement {both:.3f} "
+        level = int(sched.timesteps[sched.timesteps <= start][0])
+        print(f"sampling from the clip noised to t={level:4d}: probe agreement {both:.3f} "
               f"(colour {score['color']:.3f}, shape {score['shape']:.3f}, direction {score['direction']:.3f})")
 
 

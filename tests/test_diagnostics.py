@@ -3,6 +3,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from divot import presets
@@ -57,3 +58,15 @@ def json_line(out: str) -> dict:
     import json
 
     return json.loads(out.strip().splitlines()[-1])
+
+
+def test_decode_from_a_noised_clip_errors():
+    torch.manual_seed(0)
+    det = DivotDetokenizer(presets.detokenizer_config("tiny")).eval()
+    tokens, video = torch.zeros(1, 64, 32), torch.zeros(1, 16, 3, 32, 32)
+    with pytest.raises(ValueError, match="init_video needs init_t"):
+        det.decode(tokens, steps=2, init_video=video)
+    with pytest.raises(ValueError, match="below every sampler timestep"):
+        det.decode(tokens, steps=2, init_video=video, init_t=-1)
+    with pytest.raises(ValueError, match="variance-preserving"):
+        det.decode(tokens, steps=2, init_video=video, init_t=500, sampler="euler")
