@@ -185,33 +185,39 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                 return v
             x0 = self.pixel_head(diffusion.x0_from_v(x_t, v, t, acp), x_t, t, context)
             return diffusion.v_from_x0(x_t, x0, t, acp)
-        c_skip, c_out, c_in = diffusion.edm_coefficients(acp, t, x_t.ndim, noise.sigma_data)
-        x_in = c_in * x_t
-        raw = self.unet(x_in, t, context)
         if self.pixel_head is None:
-            return raw
-        x0 = self.pixel_head(c_skip * x_t + c_out * raw, x_in, t, context)
+            _, _, c_in = diffusion.edm_coefficients(acp, t, x_t.ndim, noise.sigma_data)
+            return self.unet(c_in * x_t, t, context)
+        x0, c_skip, c_out = self._edm_x0(x_t, t, context)
         return (x0 - c_skip * x_t) / c_out
+
+    def _edm_x0(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        """EDM (t already (b, f)): x̂0 = c_skip·x_t + c_out·F(c_in·x_t), corrected by the pixel head
+        when there is one; returned with c_skip and c_out, computed once."""
+        c_skip, c_out, c_in = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim,
+                                                         self.config.noise.sigma_data)
+        x_in = c_in * x_t
+        x0 = c_skip * x_t + c_out * self.unet(x_in, t, context)
+        if self.pixel_head is not None:
+            x0 = self.pixel_head(x0, x_in, t, context)
+        return x0, c_skip, c_out
 
     def predict_v(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """v for the sampler, whatever the network's own parameterization."""
-        noise = self.config.noise
-        if noise.parameterization == "v":
+        if self.config.noise.parameterization == "v":
             return self.network(x_t, timesteps, context)
         t = self._timesteps(timesteps, x_t)
-        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, noise.sigma_data)
-        x0 = c_skip * x_t + c_out * self.network(x_t, t, context)
-        return diffusion.v_from_x0(x_t, x0, t, self.alphas_cumprod)
+        return diffusion.v_from_x0(x_t, self._edm_x0(x_t, t, context)[0], t, self.alphas_cumprod)
 
     def _loss(self, x_t, t, tokens, x0, noise, frame_mask=None) -> torch.Tensor:
         cfg = self.config.noise
         context = self.context(tokens)
         if cfg.parameterization == "v":
             return diffusion.v_loss(self.predict_v(x_t, t, context), x0, noise, t, self.alphas_cumprod, frame_mask)
-        # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out.
-        c_skip, c_out, _ = diffusion.edm_coefficients(self.alphas_cumprod, t, x_t.ndim, cfg.sigma_data)
-        raw = self.network(x_t, t, context)
-        return conditioning.masked_frame_mean((raw.float() - (x0 - c_skip * x_t) / c_out).pow(2), frame_mask)
+        # EDM: unit-variance target for the raw output, F* = (x0 − c_skip·x_t) / c_out, so
+        # F − F* = (x̂0 − x0) / c_out.
+        x0_hat, _, c_out = self._edm_x0(x_t, t, context)
+        return conditioning.masked_frame_mean(((x0_hat.float() - x0) / c_out).pow(2), frame_mask)
 
     def training_loss(self, video: torch.Tensor, tokens: torch.Tensor, cond_dropout: float = 0.0,
                       per_frame_prob: float = 0.0, generator: torch.Generator | None = None,

@@ -54,7 +54,7 @@ from divot.probe import attributes_from_caption, probe_agrees_caption, probe_cli
 from divot.shapes import ShapesWorld, canonical_caption, render  # noqa: E402
 from divot.video_io import VIDEO_EXTENSIONS, VideoReadError, read_clip, write_video  # noqa: E402
 from eval import clipsim, fvd, i3d  # noqa: E402
-from eval.mc_core import accuracy, require_positive  # noqa: E402
+from eval.mc_core import accuracy, require_positive, weights_fingerprint  # noqa: E402
 from eval.qa_io import ResultLog, check_settings, write_json  # noqa: E402
 from llm.pipeline import GENERATION_CHECKPOINTS, PromptTooLongError, find_checkpoint, load  # noqa: E402
 
@@ -282,7 +282,8 @@ def feature_extractors(pipe, i3d_model, spec: str) -> dict:
 
 def settings_of(args, pipe, extractors: dict) -> dict:
     """What decides the stored rows and features (a resumed run must match it)."""
-    return {"checkpoint": str(Path(pipe.checkpoint).resolve()), "steps": args.steps,
+    return {"checkpoint": str(Path(pipe.checkpoint).resolve()),
+            "weights": weights_fingerprint(pipe.model, pipe.tokenizer, pipe.detokenizer), "steps": args.steps,
             "guidance_scale": args.guidance_scale, "guidance_rescale": args.guidance_rescale,
             "sampler": args.sampler, "variance_scale": args.variance_scale, "seed": args.seed,
             "dtype": str(pipe.model.dtype), "world_seed": WORLD_SEED, "features": sorted(extractors),

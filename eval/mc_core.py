@@ -26,6 +26,7 @@ L = sequence length.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import re
@@ -324,11 +325,27 @@ def evaluate(pipe, questions: Sequence[MCQuestion], out_dir: str | Path, *, mode
     return rows, summarize(questions, rows), resumed
 
 
+def weights_fingerprint(*modules: torch.nn.Module | None) -> str:
+    """A short digest of the modules' weights, so that a checkpoint retrained in the same folder
+    does not resume the old checkpoint's results. It hashes each tensor's name, shape and first
+    4096 values (not every byte: a 7B model would take seconds), enough to tell two trainings apart."""
+    digest = hashlib.sha256()
+    for i, module in enumerate(modules):
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            head = tensor.detach().reshape(-1)[:4096].to("cpu", torch.float64)
+            digest.update(f"{i}.{name}{tuple(tensor.shape)}".encode())
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_settings(pipe, mode: str, max_new_tokens: int, **more) -> dict:
-    """What decides the answers (a resumed run must match it): checkpoint, mode, clips, dtype,
-    the prompt's instruction, and for generation the token budget."""
+    """What decides the answers (a resumed run must match it): checkpoint and its weights, mode,
+    clips, dtype, the prompt's instruction, and for generation the token budget."""
     checkpoint = None if pipe.checkpoint is None else str(Path(pipe.checkpoint).resolve())
-    settings = {"checkpoint": checkpoint, "mode": mode, "max_clips": pipe.max_clips,
+    settings = {"checkpoint": checkpoint, "weights": weights_fingerprint(pipe.model, pipe.tokenizer),
+                "mode": mode, "max_clips": pipe.max_clips,
                 "dtype": str(pipe.model.dtype), "prompt": format_multiple_choice("{question}", ["{a}", "{b}"])}
     if mode == "generate":
         settings["max_new_tokens"] = max_new_tokens

@@ -239,6 +239,18 @@ def test_resume_skips_done_questions(pipe, video, tmp_path, monkeypatch):
     assert mc_core.evaluate(pipe, qs, out)[2] == 10 and calls == []
     with pytest.raises(ValueError, match="other settings.*max_clips: 2 → 1"):
         check_settings(out / "settings.json", {**json.loads((out / "settings.json").read_text()), "max_clips": 1})
+    # A checkpoint retrained in the same folder has other weights: its answers are not resumed.
+    weight = pipe.model.input_projector.proj[0].weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(1e-3)
+        with pytest.raises(ValueError, match="other settings.*weights"):
+            mc_core.evaluate(pipe, qs, out)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert mc_core.evaluate(pipe, qs, out)[2] == 10
 
 
 def test_generate_reply_matches_pipeline_answer(pipe, video):
