@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
+from divot import config as cfglib
 from divot import presets
 from divot.shapes import COLORS, DIRECTIONS, SHAPES, ShapesWorld, render
 from divot.tokenizer import DivotTokenizer
@@ -113,12 +114,8 @@ def fit_readout(x: torch.Tensor, y: torch.Tensor, test: int, kind: str, hidden: 
 
 def load_tokenizer(args) -> DivotTokenizer:
     if args.fresh:
-        overrides = {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = json.loads(value)
         torch.manual_seed(args.seed)
-        return DivotTokenizer(presets.tokenizer_config(args.preset, **overrides))
+        return DivotTokenizer(presets.tokenizer_config(args.preset, **cfglib.parse_overrides(args.set)))
     if args.set:
         raise SystemExit("--set changes the preset of a --fresh tokenizer; a saved one keeps its config")
     return DivotTokenizer.from_pretrained(args.tokenizer)
@@ -130,7 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--fresh", action="store_true", help="a randomly initialised tokenizer of --preset")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                   help="a tokenizer config field for --fresh, e.g. pool_size=8 (repeatable)")
+                   help="a tokenizer config field for --fresh, e.g. pool_size=8 or vit.depth=4 (repeatable)")
     p.add_argument("--clips", type=int, default=3000, help="single-object clips in all")
     p.add_argument("--test", type=int, default=500, help="of which held out for scoring")
     p.add_argument("--stage", action="append", choices=STAGES, default=None,
