@@ -29,6 +29,10 @@ class VideoAutoencoder(nn.Module):
         if (t.num_tokens, t.token_dim) != (d.num_tokens, d.token_dim):
             raise CheckpointError(f"tokenizer makes {t.num_tokens}×{t.token_dim} tokens but the de-tokenizer "
                                   f"expects {d.num_tokens}×{d.token_dim}")
+        # token_grid is written in both configs; it has to agree only where the de-tokenizer reads it.
+        if d.uses_token_grid and tuple(t.token_grid) != tuple(d.token_grid):
+            raise CheckpointError(f"tokenizer lays its tokens on {tuple(t.token_grid)} but the de-tokenizer "
+                                  f"places them on token_grid {tuple(d.token_grid)}")
         self.tokenizer = tokenizer
         self.detokenizer = detokenizer
 

@@ -77,6 +77,14 @@ class DetokenizerConfig:
         return self.latent_channels if self.space == "latent" else 3 * self.pixel_patch ** 2
 
     @property
+    def uses_token_grid(self) -> bool:
+        """Whether where the tokens sit matters: the resampler's locality prior reads token_grid,
+        and without a resampler the U-Net's cross-attention prior and the pixel head's context
+        map place the tokens on it."""
+        places = self.unet.cross_attention_locality > 0 or self.pixel_head_context > 0
+        return bool(self.resampler_locality) or (self.resampler_depth == 0 and places)
+
+    @property
     def x_size(self) -> int:
         factor = self.vae_downsample if self.space == "latent" else self.pixel_patch
         return self.frame_size // factor
@@ -312,10 +320,7 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
                              f"init_t={init_t} and a video of shape {tuple(init_video.shape)}")
         if sched.init_noise_sigma != 1.0:  # σ-space samplers (Euler) do not take a q_sample'd input
             raise ValueError("init_video needs a sampler in variance-preserving form (ddim, dpm++, unipc)")
-        left = sched.timesteps[sched.timesteps <= init_t]
-        if len(left) == 0:
-            raise ValueError(f"init_t={init_t} lies below every sampler timestep {sched.timesteps.tolist()}")
-        return left
+        return diffusion.timesteps_below(sched, init_t)
 
     def _guided_v(self, x_in: torch.Tensor, ts: torch.Tensor, cond: torch.Tensor, scale: float,
                   rescale: float) -> torch.Tensor:

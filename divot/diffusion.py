@@ -64,6 +64,15 @@ def make_sampler(cfg: NoiseConfig, kind: str = "ddim"):
     raise ValueError(f"unknown sampler {kind!r}; choose from {SAMPLERS}")
 
 
+def timesteps_below(sched, init_t: int) -> torch.Tensor:
+    """The timesteps of a set-up sampler at or below ``init_t``: those left when sampling
+    starts from a clean input noised to ``init_t`` (SDEdit-style partial sampling)."""
+    left = sched.timesteps[sched.timesteps <= init_t]
+    if len(left) == 0:
+        raise ValueError(f"init_t={init_t} lies below every sampler timestep {sched.timesteps.tolist()}")
+    return left
+
+
 def _gather(acp: torch.Tensor, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """sqrt(ᾱ_t), sqrt(1-ᾱ_t) shaped (b, f, 1, …) to broadcast over (b, f, c, h, w)."""
     a = acp.to(t.device)[t].float()

@@ -16,7 +16,7 @@ default: the Shapes test questions in the release layout, written by
 with the checkpoint the quick start trains (:func:`llm.pipeline.find_checkpoint`).
 
 Scoring (:mod:`eval.mc_core`): ``likelihood`` (default) scores each option by the mean
-log-probability of its reply ``"C. {option}</s>"`` (deterministic; ties → lowest index);
+log-probability of its reply ``"{option}</s>"`` (deterministic; ties → lowest index);
 ``generate`` decodes greedily and maps the answer with :func:`eval.mc_core.parse_choice`,
 counting unparseable answers as invalid. A missing or unreadable video is counted, not fatal.
 

@@ -4,7 +4,7 @@
 The prompt and the answer are the Shapes QA SFT's own (:func:`llm.data_sources.format_multiple_choice`
 and :func:`~llm.data_sources.format_mc_answer`), so training and evaluation agree: the user
 message is the question, the options lettered ``A. …`` one per line and the answer
-instruction, after the video's clips; the reply is ``"C. {option}"``.
+instruction, after the video's clips; the reply is the option's text.
 
 Two modes:
 
@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 MODES = ("likelihood", "generate")
 OK, INVALID, MISSING, UNREADABLE, TOO_LONG = "ok", "invalid", "missing_video", "unreadable_video", "prompt_too_long"
 STATUSES = (OK, INVALID, MISSING, UNREADABLE, TOO_LONG)
-GROUP_KEYS = ("kind", "heldout")  # per-group accuracies when questions carry these (Shapes does)
+# Per-group accuracies when questions carry these (Shapes does).
+GROUP_KEYS = ("kind", "heldout", "num_objects")
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ def run_report(pipe, questions: Sequence[MCQuestion], rows: Sequence[dict], mode
     report["video"] = video_report(pipe, rows)
     if mode == "likelihood":
         report["decoding"] = {"score": "mean log-probability of the reply tokens incl. </s> (sum / count)",
-                              "reply": "format_mc_answer: '{letter}. {option}', each option in turn",
+                              "reply": "format_mc_answer: the option's text, each option in turn",
                               "ties": "lowest index"}
     else:
         report["decoding"] = greedy_report(max_new_tokens)

@@ -49,7 +49,7 @@ CAPTION_PROMPTS = (
     "What is shown in this video?",
 )
 MC_LETTERS = "ABCDE"
-MC_INSTRUCTION = "Answer with the option's letter and text from the given choices."
+MC_INSTRUCTION = "Answer with the text of the correct option."
 _PROMPT_STREAM = 7  # a ShapesWorld rng stream of its own (the world uses 0, 1, 2)
 _TIME_EPS = 1e-3  # as divot.video_io: a window starting within 1 ms of the end is no window
 
@@ -66,10 +66,15 @@ def format_multiple_choice(question: str, options: Sequence[str]) -> str:
 
 
 def format_mc_answer(options: Sequence[str], answer: int) -> str:
-    """The reply to :func:`format_multiple_choice`: letter and option, e.g. ``"C. red"``."""
+    """The reply to :func:`format_multiple_choice`: the option's text, e.g. ``"red"``.
+
+    Not ``"C. red"``: a reply that starts with the letter must find the option's line before it
+    says the option, and the tiny LLM failed that lookup (greedy ``"E. two"`` with two = D, in
+    most generate-mode answers, docs/RESULTS.md), so its two scoring modes disagreed. The letter
+    stays in the prompt; :func:`eval.mc_core.parse_choice` still accepts a letter in a reply."""
     if not 0 <= answer < len(options):
         raise ValueError(f"answer index {answer} outside the {len(options)} options")
-    return f"{MC_LETTERS[answer]}. {options[answer]}"
+    return options[answer]
 
 
 def make_sample(task: str, turns: Sequence[Turn], videos: Sequence[VideoRef] = (),

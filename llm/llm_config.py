@@ -46,6 +46,8 @@ class LLMConfig:
     num_query_tokens: int = NUM_QUERY_TOKENS
     gmm_components: int = NUM_COMPONENTS
     variance_scale: float = 0.1
+    # Not in the paper: the input projector mixes each clip's tokens (llm.projectors).
+    token_mixing: bool = False
     # Loss = ce_weight · CE + gmm_weight · GMM NLL/d (both 1 in the paper).
     ce_weight: float = 1.0
     gmm_weight: float = 1.0
@@ -81,6 +83,7 @@ LLM_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 2048, "sliding_window": None, "token_dim": 32,
+        "token_mixing": True,
     },
 }
 

@@ -88,7 +88,8 @@ class DivotLLM(nn.Module):
         lora.grow_vocab(base, len(tok))
         self.lm = lora.wrap_lora(base, config)
         dtype = lora.TORCH_DTYPES[config.dtype]
-        self.input_projector = InputProjector(InputProjectorConfig(config.token_dim, config.hidden_size)).to(dtype)
+        self.input_projector = InputProjector(InputProjectorConfig(
+            config.token_dim, config.hidden_size, config.token_mixing, config.num_query_tokens)).to(dtype)
         self.output_projector = OutputProjector(OutputProjectorConfig(
             config.hidden_size, config.token_dim, config.gmm_components)).to(dtype)
         self.gmm = GMMHead(config.gmm_components, config.token_dim)

@@ -93,7 +93,7 @@ def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, g
         score = {c: sum(probe_agrees(p, clip, check=(c,)) for p, clip in zip(found, truth)) / clips
                  for c in ("color", "shape", "direction")}
         both = sum(probe_agrees(p, clip) for p, clip in zip(found, truth)) / clips
-        level = int(sched.timesteps[sched.timesteps <= start][0])
+        level = int(diffusion.timesteps_below(sched, start)[0])
         print(f"sampling from the clip noised to t={level:4d}: probe agreement {both:.3f} "
               f"(colour {score['color']:.3f}, shape {score['shape']:.3f}, direction {score['direction']:.3f})")
 

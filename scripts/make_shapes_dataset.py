@@ -74,7 +74,8 @@ def write_egoschema(world: ShapesWorld, out: Path, count: int) -> Counter:
         write_video(root / "videos" / f"{q_uid}.mp4", item["video"], fps=CLIP_FPS)
         record = {"q_uid": q_uid, "question": question["question"]}
         record.update({f"option {i}": text for i, text in enumerate(question["options"])})
-        record.update({"kind": question["kind"], "heldout": item["clip"].heldout})
+        record.update({"kind": question["kind"], "heldout": item["clip"].heldout,
+                       "num_objects": len(item["clip"].objects)})
         questions.append(record)
         answers[q_uid] = question["answer"]
         kinds[question["kind"]] += 1

@@ -7,9 +7,13 @@
 For single-object Shapes training clips it encodes each clip, keeps what the tokenizer holds at
 each ``--stage`` (``vit``: the ViT's patch features of the first frame; ``resampler``: the input
 of the Perceiver resampler; ``tokens``: the 64 output tokens), and fits two read-outs per
-attribute on all but the last ``--test`` clips, scored on those: a linear classifier on the
-features flattened, and a set read-out (one MLP shared by every position, then the maximum over
-positions: it finds a shape wherever the object is, as a CNN does on pixels). Every feature is
+attribute on all but the last ``--test`` clips, scored on those: ``linear``, a linear classifier
+on the features flattened; ``set``, one MLP shared by every position, then the maximum over
+positions (it finds a shape wherever the object is, as a CNN does on pixels); ``pooled``, a
+linear classifier on the mean over positions (what a per-token projector and even attention
+hand on); ``mixed``, a linear classifier on one learned combination of the positions,
+``W Σ_j m_j x_j`` (what one token of the LLM input projector's token mixing can hand on,
+``llm/projectors.py``). Every feature is
 standardised per position on the training clips, so the set read-out does not have to see past
 a position's constant offset. Both train with AdamW for a fixed number of steps; no early
 stopping on the test clips. Chance is 1 / number of classes. A de-tokenizer cannot draw what the
@@ -24,7 +28,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import nn
 from tqdm import tqdm
 
@@ -88,18 +92,46 @@ class SetReadout(nn.Module):
         return self.out(self.mlp(x).amax(dim=1))
 
 
+class MixedReadout(nn.Module):
+    """(b, n, d) → class logits from ``Σ_j m_j x_j``; m starts as the mean over positions."""
+
+    def __init__(self, positions: int, dim: int, classes: int):
+        super().__init__()
+        self.m = nn.Parameter(torch.full((positions,), 1.0 / positions))
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(einsum(self.m, x, "n, b n d -> b d"))
+
+
+READOUTS = ("linear", "set", "pooled", "mixed")
+
+
+def make_readout(kind: str, x: torch.Tensor, classes: int, hidden: int) -> nn.Module:
+    """A read-out of (b, n, d) features; ``linear`` flattens them itself."""
+    if kind == "linear":
+        return nn.Sequential(nn.Flatten(1), nn.Linear(x[0].numel(), classes))
+    if kind == "set":
+        return SetReadout(x.shape[-1], classes, hidden)
+    if kind == "pooled":
+        return nn.Sequential(Mean(), nn.Linear(x.shape[-1], classes))
+    if kind == "mixed":
+        return MixedReadout(x.shape[1], x.shape[-1], classes)
+    raise ValueError(f"unknown read-out {kind!r}; choose from {READOUTS}")
+
+
+class Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
 def fit_readout(x: torch.Tensor, y: torch.Tensor, test: int, kind: str, hidden: int, steps: int,
                 seed: int) -> float:
-    """Test accuracy of a ``linear`` or ``set`` read-out fitted on all but the last ``test`` clips."""
+    """Test accuracy of a read-out (see :data:`READOUTS`) fitted on all but the last ``test`` clips."""
     torch.manual_seed(seed)
     train = x[:-test]
     x = (x - train.mean(0)) / (train.std(0) + 1e-5)  # per position and channel, training clips only
-    classes = int(y.max()) + 1
-    if kind == "linear":
-        x = x.flatten(1)
-        net = nn.Linear(x.shape[1], classes)
-    else:
-        net = SetReadout(x.shape[-1], classes, hidden)
+    net = make_readout(kind, x, int(y.max()) + 1, hidden)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -132,6 +164,8 @@ def main(argv=None) -> dict:
     p.add_argument("--test", type=int, default=500, help="of which held out for scoring")
     p.add_argument("--stage", action="append", choices=STAGES, default=None,
                    help="where to read (repeatable; default: tokens)")
+    p.add_argument("--readout", action="append", choices=READOUTS, default=None,
+                   help="which read-outs (repeatable; default: all)")
     p.add_argument("--hidden", type=int, default=256, help="set read-out hidden width")
     p.add_argument("--steps", type=int, default=600, help="AdamW steps of 256 clips per read-out")
     p.add_argument("--seed", type=int, default=0)
@@ -151,8 +185,9 @@ def main(argv=None) -> dict:
         for name, y in labels.items():
             chance = 1 / len(ATTRIBUTES[name])
             acc = {kind: fit_readout(x, y, args.test, kind, args.hidden, args.steps, args.seed)
-                   for kind in ("linear", "set")}
-            print(f"{stage:9s} {name:9s} linear {acc['linear']:.3f}  set {acc['set']:.3f}  (chance {chance:.3f})")
+                   for kind in args.readout or READOUTS}
+            shown = "  ".join(f"{kind} {a:.3f}" for kind, a in acc.items())
+            print(f"{stage:9s} {name:9s} {shown}  (chance {chance:.3f})")
             report.setdefault(stage, {})[name] = {k: round(v, 4) for k, v in acc.items()}
     print(json.dumps(report))
     return report

@@ -51,7 +51,20 @@ def test_probe_tokens_reads_colour_from_a_fresh_tokenizer(capsys):
     for stage in ("resampler", "tokens"):
         assert set(report[stage]) == {"color", "shape", "direction"}
         assert report[stage]["color"]["set"] > 0.5  # chance 1/6: colour survives a random tokenizer
+        assert set(report[stage]["color"]) == set(probe_tokens.READOUTS)
     assert json_line(capsys.readouterr().out) == report
+
+
+def test_mixed_readout_reads_what_lies_between_positions():
+    import probe_tokens
+
+    # The label is which of two positions holds more of feature 0: the mean over positions
+    # cannot tell, one learned combination of positions can (as with motion across tokens).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 6, 4, generator=gen)
+    y = (x[:, 1, 0] > x[:, 4, 0]).long()
+    acc = {k: probe_tokens.fit_readout(x, y, 300, k, 16, 300, 0) for k in ("pooled", "mixed")}
+    assert acc["mixed"] > 0.9 and acc["pooled"] < 0.7
 
 
 def json_line(out: str) -> dict:

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from divot.tokenizer import DivotTokenizer
-from test_train_tokenizer import _env, _free_port
+from _launch import free_port, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,10 +38,10 @@ def _launch_run(script: str, tmp_path: Path, *args: str, timeout: int = 600, sta
     run = tmp_path / "run"
     config = REPO / "training" / "configs" / f"accelerate_cpu_zero{stage}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), str(REPO / "training" / script),
+           "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "training" / script),
            "--output-dir", str(run), *args]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1"),
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     print(f"{script} under ZeRO-{stage}, 2 processes: {time.time() - start:.1f} s")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import divot
-from divot.shapes import QUESTION_KINDS
+from divot.shapes import QUESTION_KINDS, ShapesWorld
 from divot.video_io import write_video
 from eval import egoschema, mc_core, multiple_choice, open_qa
 from eval.qa_io import (MCQuestion, ResultLog, check_settings, read_egoschema_release, read_lmms_egoschema,
@@ -74,7 +74,9 @@ def test_release_layout_from_shapes_script(shapes_dir):
     qs = read_egoschema_release(shapes_dir)
     assert len(qs) == 4 and all(len(q.options) == 5 and 0 <= q.answer < 5 for q in qs)
     assert all(Path(q.video).is_file() and Path(q.video).name == f"{q.uid}.mp4" for q in qs)
-    assert {"kind", "heldout"} <= set(qs[0].extra)
+    assert {"kind", "heldout", "num_objects"} <= set(qs[0].extra)
+    world = ShapesWorld(seed=0)
+    assert [q.extra["num_objects"] for q in qs] == [len(world.clip("test", i).objects) for i in range(4)]
     raw = json.loads((shapes_dir / "questions.json").read_text())
     assert qs[1].question == raw[1]["question"] and qs[1].options[2] == raw[1]["option 2"]
 
@@ -299,6 +301,7 @@ def test_egoschema_script_bad_videos_submission_resume(run_dir, shapes_dir, tmp_
     assert metrics["video"]["max_clips"] == 2 and metrics["decoding"]["ties"] == "lowest index"
     by_kind = metrics["accuracy_by_kind"]  # the copies of question 0 keep its kind
     assert set(by_kind) <= set(QUESTION_KINDS) and sum(k["num_scored"] for k in by_kind.values()) == 6
+    assert sum(k["num_scored"] for k in metrics["accuracy_by_num_objects"].values()) == 6
     calls = counting(monkeypatch)
     egoschema.main(argv + ["--subset-only", "--unanswered-fill", "0"])
     assert calls == [] and last_json(capsys)["submission_filled"] == 2

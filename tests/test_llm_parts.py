@@ -215,6 +215,29 @@ def test_projector_shapes_keys_and_roundtrip(tmp_path):
     assert back.config == out.config and torch.equal(back.proj[2].weight, out.proj[2].weight)
 
 
+
+def test_token_mixing_starts_as_the_paper_projector_and_reads_across_tokens(tmp_path):
+    torch.manual_seed(0)
+    cfg = projectors.InputProjectorConfig(token_dim=8, hidden_size=16, token_mixing=True, num_tokens=4)
+    mixed = projectors.InputProjector(cfg)
+    plain = projectors.InputProjector(projectors.InputProjectorConfig(token_dim=8, hidden_size=16))
+    plain.load_state_dict(mixed.state_dict(), strict=False)
+    x = torch.randn(3, 4, 8)
+    assert torch.equal(mixed(x), plain(x))                # M = 0 at the start
+    # A difference between tokens 0 and 3 (motion, say) reaches token 1 only through M.
+    with torch.no_grad():
+        mixed.mix[1, 0], mixed.mix[1, 3] = -1.0, 1.0
+    y = x.clone()
+    y[:, 3] += 1.0
+    assert not torch.allclose(mixed(y)[:, 1], mixed(x)[:, 1]) and torch.equal(plain(y)[:, 1], plain(x)[:, 1])
+    with pytest.raises(ValueError, match="whole clips"):
+        mixed(torch.randn(3, 5, 8))
+    mixed.save_pretrained(tmp_path)
+    back = projectors.InputProjector.from_pretrained(tmp_path)
+    assert back.config == cfg and torch.equal(back(x), mixed(x))
+    from llm.llm_config import llm_config
+    assert llm_config("tiny").token_mixing and not llm_config("paper").token_mixing
+
 def test_paper_projectors_match_release_keys_and_shapes():
     with torch.device("meta"):  # no memory for the 100M-parameter output projector
         built = {"input_resampler.": projectors.InputProjector(projectors.InputProjectorConfig()),

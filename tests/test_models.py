@@ -126,6 +126,9 @@ def test_autoencoder_rejects_mismatched_parts(tiny, tmp_path):
     other = DivotDetokenizer(presets.detokenizer_config("tiny", token_dim=16))
     with pytest.raises(CheckpointError, match="tokens"):
         VideoAutoencoder(tok, other)
+    moved = DivotDetokenizer(presets.detokenizer_config("tiny", token_grid=[2, 8, 4], context_grid=[2, 8, 4]))
+    with pytest.raises(CheckpointError, match="token_grid"):
+        VideoAutoencoder(tok, moved)
     VideoAutoencoder(tok, det).save_pretrained(tmp_path)
     ae = VideoAutoencoder.from_pretrained(tmp_path)
     assert ae.frame_size == 32

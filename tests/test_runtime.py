@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from _launch import free_port
 from accelerate.state import AcceleratorState
 from training.checkpoints import CheckpointManager, relink_schedulers
 from training.runtime import (
@@ -211,16 +211,11 @@ def test_config_files_are_consistent():
 # --------------------------------------------------------------------------- DeepSpeed, 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(config: str, outdir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           "--num_processes", "2", "--main_process_port", str(free_port()),
            str(REPO / "tests" / "_ds_toy.py"), str(outdir), *extra]
     # the first ZeRO-2 run compiles DeepSpeed's CPU Adam (minutes on 2 cores): allow for it
     timeout = int(os.environ.get("DIVOT_DS_TEST_TIMEOUT", "900"))

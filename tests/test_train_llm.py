@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from divot import config as cfglib
-from test_train_tokenizer import _env, _free_port
+from _launch import free_port, subprocess_env
 from training import train_llm
 from training.llm_setup import LLMTrainConfig, build_sources, expand_presets, pipeline_info
 
@@ -33,7 +33,7 @@ SFT = ["steps=3", "warmup_steps=1", "save_every=10", "lr=3e-3", *FAST]
 def _env1() -> dict:
     # One thread: the tiny model's ops are too small to gain from a second one, and the
     # results must not depend on how busy the machine is (bitwise-equal resume).
-    return dict(_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1")
+    return dict(subprocess_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1")
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -96,7 +96,7 @@ def test_stage_defaults_and_mixture():
     # tiny: video QA gets the most samples, in batches of 16 (docs/RESULTS.md).
     steps = {stage: (c.steps, c.batch_size) for stage in ("pretrain", "sft-comp", "sft-gen")
              for c in [cfglib.from_dict(LLMTrainConfig, expand_presets({"stage": stage}))]}
-    assert steps == {"pretrain": (400, 4), "sft-comp": (750, 16), "sft-gen": (200, 4)}
+    assert steps == {"pretrain": (400, 4), "sft-comp": (1500, 16), "sft-gen": (200, 4)}
     assert cfglib.from_dict(LLMTrainConfig, expand_presets({"stage": "sft-comp", "batch_size": 2})).batch_size == 2
     paper = cfglib.from_dict(LLMTrainConfig, expand_presets({"preset": "paper"}))
     assert (paper.lr, paper.warmup_steps, paper.betas, paper.eps, paper.weight_decay) == (1e-4, 500, (0.9, 0.98),
@@ -206,9 +206,9 @@ def test_two_process_deepspeed_zero2(tmp_path, tokenizer_dir):
     pytest.importorskip("deepspeed")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "training/configs/accelerate_cpu_zero2.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
+           "--main_process_port", str(free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
            f"tokenizer_dir={tokenizer_dir}", "--stage", "pretrain", "steps=3", "warmup_steps=1", *FAST]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DEEPSPEED" in (tmp_path / "runtime.yaml").read_text().upper()

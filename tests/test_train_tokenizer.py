@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ from safetensors.torch import load_file
 
 from training.tokenizer_setup import StepSampler, TokenizerTrainConfig, stage_lambdas
 
+from _launch import free_port, subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "pretrain_tokenizer.py"
 # Small and fast, but crossing the stage 1 → stage 2 boundary (step 3) before step 4.
@@ -23,12 +23,9 @@ FAST = ["batch_size=2", "stage1.steps=3", "stage2.steps=3", "stage1.warmup_steps
         "save_every=2", "log_every=1", "sample_every=100", "sample_clips=1", "sample_steps=2"]
 
 
-def _env() -> dict:
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
-
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -43,7 +40,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_unknown_config_key_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(tmp_path), "stage1.lrr=1"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown config key" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
@@ -72,7 +69,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     _run(["--output-dir", str(straight), "--max-steps", "4", *FAST])
     # Same run with room for 6 steps, killed (SIGKILL) once its step-2 checkpoint exists.
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--output-dir", str(killed), "--max-steps", "6", *FAST],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "step_00000002" / "trainer_state.json").exists():
         assert proc.poll() is None, "training exited before it could be interrupted"
@@ -90,20 +87,15 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert (straight / "tb").is_dir() and list((straight / "samples").glob("*.mp4"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2(tmp_path):
     pytest.importorskip("deepspeed")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "training/configs/accelerate_cpu_zero2.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
+           "--main_process_port", str(free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
            "--max-steps", "4", *FAST]
-    env = dict(_env(), OMP_NUM_THREADS="1")
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DEEPSPEED" in (tmp_path / "runtime.yaml").read_text().upper()
