@@ -343,11 +343,13 @@ def weights_fingerprint(*modules: torch.nn.Module | None) -> str:
 
 def run_settings(pipe, mode: str, max_new_tokens: int, **more) -> dict:
     """What decides the answers (a resumed run must match it): checkpoint and its weights, mode,
-    clips, dtype, the prompt's instruction, and for generation the token budget."""
+    clips, dtype, the prompt's instruction and the scored reply's form, and for generation the
+    token budget."""
     checkpoint = None if pipe.checkpoint is None else str(Path(pipe.checkpoint).resolve())
     settings = {"checkpoint": checkpoint, "weights": weights_fingerprint(pipe.model, pipe.tokenizer),
                 "mode": mode, "max_clips": pipe.max_clips,
-                "dtype": str(pipe.model.dtype), "prompt": format_multiple_choice("{question}", ["{a}", "{b}"])}
+                "dtype": str(pipe.model.dtype), "prompt": format_multiple_choice("{question}", ["{a}", "{b}"]),
+                "reply": format_mc_answer(["{a}", "{b}"], 1)}
     if mode == "generate":
         settings["max_new_tokens"] = max_new_tokens
     return {**settings, **more}
