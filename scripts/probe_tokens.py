@@ -6,7 +6,7 @@
 
 For single-object Shapes training clips it encodes each clip, keeps what the tokenizer holds at
 each ``--stage`` (``vit``: the ViT's patch features of the first frame; ``resampler``: the input
-of the Perceiver resampler; ``tokens``: the 64 output tokens), and fits two read-outs per
+of the Perceiver resampler; ``tokens``: the 64 output tokens), and fits four read-outs per
 attribute on all but the last ``--test`` clips, scored on those: ``linear``, a linear classifier
 on the features flattened; ``set``, one MLP shared by every position, then the maximum over
 positions (it finds a shape wherever the object is, as a CNN does on pixels); ``pooled``, a
@@ -15,7 +15,7 @@ hand on); ``mixed``, a linear classifier on one learned combination of the posit
 ``W Σ_j m_j x_j`` (what one token of the LLM input projector's token mixing can hand on,
 ``llm/projectors.py``). Every feature is
 standardised per position on the training clips, so the set read-out does not have to see past
-a position's constant offset. Both train with AdamW for a fixed number of steps; no early
+a position's constant offset. All train with AdamW for a fixed number of steps; no early
 stopping on the test clips. Chance is 1 / number of classes. A de-tokenizer cannot draw what the
 tokens do not hold (docs/TOKENIZER_TRAINING.md, finding 13). The last line is one JSON object.
 
@@ -104,6 +104,13 @@ class MixedReadout(nn.Module):
         return self.out(einsum(self.m, x, "n, b n d -> b d"))
 
 
+class Mean(nn.Module):
+    """(b, n, d) → (b, d): the mean over positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+
 READOUTS = ("linear", "set", "pooled", "mixed")
 
 
@@ -118,11 +125,6 @@ def make_readout(kind: str, x: torch.Tensor, classes: int, hidden: int) -> nn.Mo
     if kind == "mixed":
         return MixedReadout(x.shape[1], x.shape[-1], classes)
     raise ValueError(f"unknown read-out {kind!r}; choose from {READOUTS}")
-
-
-class Mean(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(1)
 
 
 def fit_readout(x: torch.Tensor, y: torch.Tensor, test: int, kind: str, hidden: int, steps: int,
