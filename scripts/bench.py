@@ -162,7 +162,10 @@ def build_autoencoder(preset: str, device: torch.device) -> TokenizerAutoencoder
 def build_llm(preset: str, device: torch.device, dtype: torch.dtype, grad_ckpt: bool) -> DivotLLM:
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     with building(device, dtype):
-        return DivotLLM(llm_config(preset, dtype=name, gradient_checkpointing=grad_ckpt))
+        model = DivotLLM(llm_config(preset, dtype=name, gradient_checkpointing=grad_ckpt))
+    # peft keeps LoRA adapters in float32 beside a bf16 base; DeepSpeed bf16 casts the whole
+    # module, so the measured step holds every weight in ``dtype``, as training does.
+    return model.to(dtype)
 
 
 def amp(device: torch.device, dtype: torch.dtype):

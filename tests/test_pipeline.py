@@ -15,11 +15,13 @@ from safetensors.torch import load_file, save_file
 
 import divot
 from divot.modeling import WEIGHTS_NAME, CheckpointError
+from divot.tokenizer import DivotTokenizer
 from divot.video_io import VideoReadError, read_clip, write_video
 from llm import api
 from llm import pipeline as pl
 from llm import text_tokenizer as tt
 from llm.chat import GeneratedVideo, array_clips
+from llm.model import DivotLLM
 
 from _llm_fixtures import make_tiny_run, write_pipeline_json
 
@@ -191,6 +193,27 @@ def test_generate_one_call_both_modes_and_cache(pipe, run_dir, five_s, tmp_path,
             divot.generate("x", checkpoint=run_dir / "llm", mode="audio")
     finally:
         api.clear_cache()
+
+
+def test_pipeline_merges_the_lora_and_computes_the_same(run_dir):
+    model = DivotLLM.from_pretrained(run_dir / "llm").eval()
+    with torch.no_grad():  # a LoRA that changes the output, so an unmerged or wrong fold shows
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        ids = torch.tensor([[1, 100, 200, 300, 400]])
+        before = model.base_model(input_ids=ids).logits
+        pipe = pl.DivotPipeline(model, DivotTokenizer.from_pretrained(run_dir / "tokenizer"), device="cpu")
+        adapted = [m for m in model.lm.modules() if hasattr(m, "lora_A") and hasattr(m, "merged")]
+        assert adapted and all(m.merged for m in adapted)
+        after = pipe.model.base_model(input_ids=ids).logits
+        model.lm.unmerge_adapter()
+        restored = model.base_model(input_ids=ids).logits
+        with model.lm.disable_adapter():  # the base alone: the LoRA must matter, or the check is empty
+            base_only = model.base_model(input_ids=ids).logits
+    tol = 1e-4 * before.abs().max()
+    assert (before - after).abs().max() < tol and (before - restored).abs().max() < tol
+    assert (before - base_only).abs().max() > 100 * tol
 
 
 def test_divot_exposes_the_api_lazily():
