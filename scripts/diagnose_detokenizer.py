@@ -21,19 +21,26 @@ to t, then the sampler (25 DDIM steps, guidance ``--guidance``) runs the rest of
 and the probe reads colour, shape and direction from the result. An attribute kept from
 t = 300 but lost from t = 700 is one that the low-noise steps draw well but that the tokens do
 not supply (docs/TOKENIZER_TRAINING.md, finding 13).
+
+With ``--x0-probe`` it probes the de-tokenizer's one-step x̂0 (the clip noised to t, its own
+tokens) at t = 999 … 300, and the true clips blurred by a Gaussian of σ = 1, 1.5 and 2 pixels:
+how much of each attribute the mean guess keeps, and how much blur the probe tolerates
+(finding 14).
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from divot import config as cfglib
 from divot import diffusion
 from divot.autoencoder import VideoAutoencoder
 from divot.modeling import WEIGHTS_NAME
-from divot.probe import probe_agrees, probe_clip
+from divot.probe import agreement_rates
 from divot.shapes import COLORS, ShapesVideoDataset
 from training.tokenizer_setup import TokenizerTrainConfig, init_model_overrides, load_init
 
@@ -76,26 +83,52 @@ def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: in
               f"(nearest of the {len(names)} non-white colours; chance {1 / len(names):.2f})")
 
 
+def format_scores(score: dict[str, float]) -> str:
+    return (f"probe agreement {score['all']:.3f} (colour {score['color']:.3f}, shape {score['shape']:.3f}, "
+            f"direction {score['direction']:.3f})")
+
+
+def held_out_clips(ds: ShapesVideoDataset, clips: int) -> tuple[torch.Tensor, list]:
+    return torch.stack([ds[i]["video"] for i in range(clips)]), [ds.world.clip(ds.split, i) for i in range(clips)]
+
+
 @torch.no_grad()
 def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, guidance: float,
                      seed: int, starts=(999, 700, 500, 300, 150)) -> None:
     """Probe agreement of samples that start from the real clip noised to each level in ``starts``."""
     det = ae.detokenizer
-    video = torch.stack([ds[i]["video"] for i in range(clips)])
-    truth = [ds.world.clip(ds.split, i) for i in range(clips)]
+    video, truth = held_out_clips(ds, clips)
     tokens = ae.encode(video)
     sched = diffusion.make_sampler(det.config.noise, "ddim")  # only to name the level reached
     sched.set_timesteps(25)
     for start in starts:
         out = det.decode(tokens, steps=25, guidance_scale=guidance, sampler="ddim", init_video=video,
                          init_t=start, generator=torch.Generator().manual_seed(seed))
-        found = [probe_clip(v) for v in out.clamp(-1, 1)]
-        score = {c: sum(probe_agrees(p, clip, check=(c,)) for p, clip in zip(found, truth)) / clips
-                 for c in ("color", "shape", "direction")}
-        both = sum(probe_agrees(p, clip) for p, clip in zip(found, truth)) / clips
         level = int(diffusion.timesteps_below(sched, start)[0])
-        print(f"sampling from the clip noised to t={level:4d}: probe agreement {both:.3f} "
-              f"(colour {score['color']:.3f}, shape {score['shape']:.3f}, direction {score['direction']:.3f})")
+        print(f"sampling from the clip noised to t={level:4d}: {format_scores(agreement_rates(out.clamp(-1, 1), truth))}")
+
+
+@torch.no_grad()
+def x0_probe(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: int,
+             levels=(999, 850, 700, 500, 300), sigmas=(1.0, 1.5, 2.0)) -> None:
+    """The probe on the one-step x̂0 from each noise level (own tokens), and on blurred true clips.
+
+    x̂0 is the de-tokenizer's mean guess of the clip: what it draws where the tokens leave
+    something uncertain is a blur. The blurred clips show how much blur the probe's shape
+    reading survives (docs/TOKENIZER_TRAINING.md, finding 14)."""
+    det, acp = ae.detokenizer, ae.detokenizer.alphas_cumprod
+    video, truth = held_out_clips(ds, clips)
+    tokens, x0 = ae.encode(video), det.to_x(video)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    for t in levels:
+        tt = torch.full(x0.shape[:2], t)
+        xt = diffusion.q_sample(x0, noise, tt, acp)
+        pred = det.from_x(diffusion.x0_from_v(xt, det(xt, tt, tokens), tt, acp))
+        print(f"x0 in one step from t={t:4d}: {format_scores(agreement_rates(pred.clamp(-1, 1), truth))}")
+    for sigma in sigmas:
+        k = 2 * math.ceil(3 * sigma) + 1
+        blurred = gaussian_blur(video.flatten(0, 1), [k, k], [sigma, sigma]).view_as(video)
+        print(f"true clips blurred, sigma {sigma:.1f} px: {format_scores(agreement_rates(blurred.clamp(-1, 1), truth))}")
 
 
 def main(argv=None) -> None:
@@ -107,6 +140,8 @@ def main(argv=None) -> None:
     p.add_argument("--partial", type=int, default=0, metavar="CLIPS",
                    help="also sample CLIPS clips from partly noised inputs (see above); 0 = skip")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of --partial")
+    p.add_argument("--x0-probe", type=int, default=0, metavar="CLIPS",
+                   help="also probe CLIPS clips' one-step x̂0 at several noise levels, and blurred true clips; 0 = skip")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     ae = load(Path(args.checkpoint))
@@ -145,8 +180,11 @@ def main(argv=None) -> None:
             out = det.decode(tokens, steps=25, guidance_scale=g, generator=torch.Generator().manual_seed(0))
             print(f"decode, guidance {g}: MSE {((out - video) ** 2).mean().item():.4f}")
     hue_check(ae, ds, 4 * args.clips, args.seed)
+    test = ShapesVideoDataset("test", size=ae.frame_size)
     if args.partial:
-        partial_sampling(ae, ShapesVideoDataset("test", size=ae.frame_size), args.partial, args.guidance, args.seed)
+        partial_sampling(ae, test, args.partial, args.guidance, args.seed)
+    if args.x0_probe:
+        x0_probe(ae, test, args.x0_probe, args.seed)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ and 4×4-pixel cell, with a fixed sin-cos position, cross-attending to the token
 U-Net's cross-attention has to learn). Every ``--every`` steps it prints, on 32 validation clips:
 the error, the error when each clip is read from another clip's tokens (equal = the tokens are
 not used), the error of the best constant clip (the per-pixel mean) and the tokens' spread
-across clips (≈ 0 = collapsed). The last line is one JSON object. docs/TOKENIZER_TRAINING.md,
+across clips (≈ 0 = collapsed), and how often the probe reads each clip's colour, shape and
+direction from the rebuilt frames (the probe on the true frames is printed first, as the
+ceiling; finding 14). The last line is one JSON object. docs/TOKENIZER_TRAINING.md,
 finding 8, has what it showed.
 
 Axes: b = batch, f = frames, t/h/w = token grid, c = channels, d = token width.
@@ -31,6 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from divot import presets
+from divot.probe import agreement_rates
 from divot.shapes import ShapesVideoDataset
 from divot.tokenizer import DivotTokenizer
 from divot.unet import sincos_2d
@@ -123,8 +126,12 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     train, val_ds = ShapesVideoDataset("train", size=size), ShapesVideoDataset("val", size=size)
     val = clips(val_ds, 0, 32, frames)
+    truth = [val_ds.world.clip("val", i) for i in range(len(val))]
     mean_clip = ((val - val.mean(0, keepdim=True)) ** 2).mean().item()
-    print(f"best constant clip (per-pixel mean) {mean_clip:.4f}; {vars(args)}", flush=True)
+    ceiling = agreement_rates(val, truth)  # what the probe reads on the true frames themselves
+    print(f"best constant clip (per-pixel mean) {mean_clip:.4f}; probe on the true frames: colour "
+          f"{ceiling['color']:.3f}, shape {ceiling['shape']:.3f}, direction {ceiling['direction']:.3f}; "
+          f"{vars(args)}", flush=True)
     row, start = {}, time.time()
     for step in range(1, args.steps + 1):
         video = clips(train, (step - 1) * args.batch_size, args.batch_size, frames)
@@ -136,9 +143,12 @@ def main(argv=None) -> dict:
         if step % args.every == 0 or step == args.steps:
             with torch.no_grad():
                 tokens = tok(val)
-                row = {"step": step, "mse": F.mse_loss(readout(tokens), val).item(),
+                rebuilt = readout(tokens)
+                read = agreement_rates(rebuilt.clamp(-1, 1), truth)
+                row = {"step": step, "mse": F.mse_loss(rebuilt, val).item(),
                        "mse_other_clip_tokens": F.mse_loss(readout(tokens.roll(1, 0)), val).item(),
                        "mse_constant_clip": mean_clip, "token_spread": tokens.std(0).mean().item(),
+                       **{f"probe_{a}": read[a] for a in ("color", "shape", "direction")},
                        "seconds": int(time.time() - start)}
             print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     print(json.dumps(row))

@@ -42,6 +42,19 @@ def test_partial_sampling_keeps_what_the_input_still_shows(capsys):
     assert float(rows[1][1]) == 1.0  # the input alone still carries every attribute
 
 
+def test_x0_probe_reads_barely_noised_and_lightly_blurred_clips(capsys):
+    torch.manual_seed(0)
+    ae = VideoAutoencoder(DivotTokenizer(presets.tokenizer_config("tiny")),
+                          DivotDetokenizer(presets.detokenizer_config("tiny"))).eval()
+    ds = ShapesVideoDataset("test", size=32)
+    diagnose_detokenizer.x0_probe(ae, ds, clips=3, seed=0, levels=(999, 2), sigmas=(0.3, 3.0))
+    lines = capsys.readouterr().out.splitlines()
+    agree = [float(re.search(r"probe agreement ([\d.]+)", line).group(1)) for line in lines]
+    assert len(lines) == 4 and "t= 999" in lines[0] and "sigma 3.0" in lines[3]
+    assert agree[1] == 1.0 and agree[2] == 1.0  # x̂0 at t = 2 and a 0.3 px blur are the clip
+    assert agree[0] < 1.0 and agree[3] < 1.0  # pure noise through random weights; a 3 px blur
+
+
 def test_probe_tokens_reads_colour_from_a_fresh_tokenizer(capsys):
     import probe_tokens
 
