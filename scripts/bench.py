@@ -14,11 +14,10 @@ guidance on), ``llm_train`` (seconds per step, tokens/s, model FLOP/s utilisatio
 
 Timing: ``--warmup`` untimed runs (they also compile, with ``--compile``), then the median of
 ``--iters`` timed ones; CUDA work is synchronised before each clock read. ``--optimizer-impl``
-picks AdamW's kernels (training/optim.py). Models have random weights (``paper``: the published
-shapes, Mistral-7B-v0.1 from a ``MistralConfig`` built on the device in bf16, an SD-1.x sized
-``AutoencoderKL``); nothing downloads. Precision (``--dtype``): the LLM's weights are in that
-dtype, as DeepSpeed bf16 holds them; tokenizer, de-tokenizer and VAE keep float32 weights and run
-under autocast to that dtype (accelerate's mixed precision). Optimizers are plain
+picks AdamW's kernels (training/optim.py). Models and inputs come from ``bench_models.py``:
+random weights, nothing downloads; the LLM's weights are in ``--dtype``, as DeepSpeed bf16 holds
+them; tokenizer, de-tokenizer and VAE keep float32 weights and run under autocast to that dtype
+(accelerate's mixed precision). Optimizers are plain
 ``torch.optim.AdamW`` on one device (no DeepSpeed): step times are compute, not ZeRO
 communication or CPU-offloaded optimizer steps. A section's peak memory includes the models
 still resident from earlier sections (the autoencoder during ``llm_train`` and ``generation``).
@@ -46,7 +45,7 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -56,16 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from divot.detokenizer import DivotDetokenizer  # noqa: E402
-from divot.presets import detokenizer_config, tokenizer_config  # noqa: E402
-from divot.tokenizer import DivotTokenizer  # noqa: E402
-from llm.llm_config import llm_config  # noqa: E402
+from bench_models import (MIN_SEQ_LEN, SUPERVISED_ROWS, amp, build_autoencoder, build_llm,  # noqa: E402,F401
+                          clips, llm_batch)
 from llm.model import DivotLLM  # noqa: E402
 from llm.pipeline import DivotPipeline  # noqa: E402
-from llm.text_tokenizer import IGNORE_INDEX, MISTRAL_V1_VOCAB_SIZE, NUM_QUERY_TOKENS  # noqa: E402
-from memory_plan import SD_VAE  # noqa: E402
 from training import optim  # noqa: E402
-from training.tokenizer_setup import TokenizerAutoencoder  # noqa: E402
 
 SECTIONS = ("tokenizer_encode", "detokenizer_train", "detokenizer_decode", "llm_train", "generation")
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
@@ -74,8 +68,6 @@ DEFAULTS = {  # per preset: clips per encode / training batch, LLM batch and seq
     "tiny": {"encode_batch": 8, "train_batch": 2, "llm_batch": 2, "seq_len": 256},
     "paper": {"encode_batch": 8, "train_batch": 1, "llm_batch": 4, "seq_len": 512},
 }
-SUPERVISED_ROWS = 32  # text rows per sequence with a label (an answer / caption)
-MIN_SEQ_LEN = 2 * NUM_QUERY_TOKENS + SUPERVISED_ROWS + 2
 PROMPT = "a red circle moves to the left"
 
 
@@ -132,53 +124,6 @@ def peak_flops_of(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-# --------------------------------------------------------------------------- models
-
-
-@contextmanager
-def building(device: torch.device, dtype: torch.dtype):
-    """Parameters created directly on ``device`` in ``dtype``: a 7B model is never built in fp32
-    on the host first."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-def build_autoencoder(preset: str, device: torch.device) -> TokenizerAutoencoder:
-    """Random tokenizer + de-tokenizer in float32 (run under :func:`amp`); latent space gets a
-    random SD-sized VAE."""
-    with torch.device(device):
-        det = DivotDetokenizer(detokenizer_config(preset))
-        if det.config.space == "latent":
-            from diffusers import AutoencoderKL
-            det.vae = AutoencoderKL(**SD_VAE).requires_grad_(False).eval()
-        return TokenizerAutoencoder(DivotTokenizer(tokenizer_config(preset)), det)
-
-
-def build_llm(preset: str, device: torch.device, dtype: torch.dtype, grad_ckpt: bool) -> DivotLLM:
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    with building(device, dtype):
-        model = DivotLLM(llm_config(preset, dtype=name, gradient_checkpointing=grad_ckpt))
-    # peft keeps LoRA adapters in float32 beside a bf16 base; DeepSpeed bf16 casts the whole
-    # module, so the measured step holds every weight in ``dtype``, as training does.
-    return model.to(dtype)
-
-
-def amp(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast around the float32 autoencoder (accelerate's mixed precision): the
-    latent de-tokenizer's VAE path returns float32 latents, which bf16 weights would refuse."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
-def clips(b: int, ae: TokenizerAutoencoder, device: torch.device) -> torch.Tensor:
-    cfg = ae.detokenizer.config
-    return torch.rand(b, cfg.num_frames, 3, cfg.frame_size, cfg.frame_size, device=device) * 2 - 1
-
-
 # --------------------------------------------------------------------------- sections
 
 
@@ -219,28 +164,6 @@ def bench_decode(ae, args, device, dtype) -> dict:
             out[f"steps_{steps}_s"] = timed(lambda: det.decode(tokens, steps=steps, guidance_scale=args.guidance_scale),
                                             device, 0, args.iters)
     return out
-
-
-def llm_batch(model: DivotLLM, b: int, seq_len: int, device: torch.device) -> dict:
-    """One clip (64 placeholders) after ``<s>``, text, SUPERVISED_ROWS labelled rows and a query block
-    at the end: the data contract of ``DivotLLM.forward`` with both loss terms present."""
-    n, d = model.config.num_query_tokens, model.config.token_dim
-    if seq_len < 2 * n + SUPERVISED_ROWS + 2:
-        raise ValueError(f"seq_len {seq_len} is too short: a clip and a query block need "
-                         f"{2 * n + SUPERVISED_ROWS + 2}")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, MISTRAL_V1_VOCAB_SIZE, (b, seq_len), generator=g)
-    ids[:, 0] = model.special_ids["bos"]
-    clip = torch.zeros(b, seq_len, dtype=torch.bool)
-    clip[:, 1:1 + n] = True
-    query = torch.zeros(b, seq_len, dtype=torch.bool)
-    query[:, -n:] = True
-    ids[query] = torch.tensor(model.special_ids["query"]).repeat(b)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, -n - SUPERVISED_ROWS:-n] = ids[:, -n - SUPERVISED_ROWS:-n]
-    batch = {"input_ids": ids, "labels": labels, "clip_mask": clip, "query_mask": query,
-             "clip_tokens": torch.randn(b, n, d, generator=g), "target_tokens": torch.randn(b, n, d, generator=g)}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def llm_flop_counts(model: DivotLLM) -> tuple[int, int, int]:

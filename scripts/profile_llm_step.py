@@ -5,7 +5,8 @@
     python scripts/profile_llm_step.py --preset paper --device cuda --trace step.json   # + Chrome trace
 
 The model, batch and optimizer are built as ``scripts/bench.py``'s ``llm_train`` section builds
-them (random weights, every weight in ``--dtype`` as DeepSpeed bf16 holds them). After
+them (``scripts/bench_models.py``: random weights, every weight in ``--dtype`` as DeepSpeed bf16
+holds them). After
 ``--warmup`` untimed steps, ``--steps`` steps run under the profiler. Printed: the operators
 with the most time (device time on a GPU, CPU time on the CPU), then the share of that time
 in matrix products and attention (:data:`MATMUL_OPS`), the part MFU measures. The last line
@@ -24,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402  (puts the repository on sys.path)
+from bench_models import build_llm, llm_batch  # noqa: E402
 from training import optim  # noqa: E402
 
 # Operators whose kernels are matrix products or fused attention (their own time only).
@@ -81,9 +83,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = bench.build_llm(args.preset, device, dtype, args.grad_ckpt).train()
+    model = build_llm(args.preset, device, dtype, args.grad_ckpt).train()
     opt = optim.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.99))
-    batch = bench.llm_batch(model, args.batch_size, args.seq_len, device)
+    batch = llm_batch(model, args.batch_size, args.seq_len, device)
 
     def step():
         model(**batch, return_logits=False).loss.backward()
