@@ -313,10 +313,10 @@ _DIR_RE = re.compile(r"\b(left|right|up|down)(ward)?s?\b")
 _SPLIT_RE = re.compile(r"\s*,?\s*\band\b\s*|\s*[,;.]\s*")
 
 
-def agreement_rates(videos, clips) -> dict[str, float]:
-    """Over a batch of clips and their scenes: the fraction whose colour, shape and direction
-    each read right, and whose all three do (``"all"``, the probe agreement)."""
-    probed = [probe_clip(v) for v in videos]
+def agreement_rates(probed: list[list[ProbedObject]], clips) -> dict[str, float]:
+    """Over clips already probed (:func:`probe_clip` of each) and their scenes: the fraction
+    whose colour, shape and direction each read right, and whose all three do (``"all"``, the
+    probe agreement)."""
     rates = {a: sum(probe_agrees(p, c, check=(a,)) for p, c in zip(probed, clips)) / len(clips)
              for a in ("color", "shape", "direction")}
     rates["all"] = sum(probe_agrees(p, c) for p, c in zip(probed, clips)) / len(clips)

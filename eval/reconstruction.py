@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from divot import metrics
 from divot.autoencoder import VideoAutoencoder
 from divot.modeling import CheckpointError
-from divot.probe import probe_agrees, probe_clip
+from divot.probe import agreement_rates, probe_agrees, probe_clip
 from divot.shapes import ShapesWorld, render
 from divot.video_io import VIDEO_EXTENSIONS, VideoReadError, read_clip, side_by_side, to_tensor, to_uint8, write_video
 
@@ -86,8 +86,7 @@ def shapes_report(model: VideoAutoencoder, args, out_dir: Path) -> dict:
     psnr, ssim = metrics.psnr(recon, videos), metrics.ssim(recon, videos)
     probed = [probe_clip(r) for r in recon]
     agree = np.array([probe_agrees(p, c) for p, c in zip(probed, clips)])
-    per_attr = {a: float(np.mean([probe_agrees(p, c, check=(a,)) for p, c in zip(probed, clips)]))
-                for a in ("color", "shape", "direction")}
+    per_attr = {a: rate for a, rate in agreement_rates(probed, clips).items() if a != "all"}
     heldout = np.array([c.heldout for c in clips])
     for i in range(min(args.save_videos, len(clips))):
         tag = "ok" if agree[i] else "wrong"

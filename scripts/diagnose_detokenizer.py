@@ -40,7 +40,7 @@ from divot import config as cfglib
 from divot import diffusion
 from divot.autoencoder import VideoAutoencoder
 from divot.modeling import WEIGHTS_NAME
-from divot.probe import agreement_rates
+from divot.probe import agreement_rates, probe_clip
 from divot.shapes import COLORS, ShapesVideoDataset
 from training.tokenizer_setup import TokenizerTrainConfig, init_model_overrides, load_init
 
@@ -52,6 +52,13 @@ def load(path: Path) -> VideoAutoencoder:
         model = load_init(cfg)
         return VideoAutoencoder(model.tokenizer, model.detokenizer).eval()
     return VideoAutoencoder.from_pretrained(path)
+
+
+def one_step_x0(det, x0: torch.Tensor, noise: torch.Tensor, t: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The de-tokenizer's x̂0, back in pixels, from ``x0`` (its own space) noised to ``t``."""
+    tt = torch.full(x0.shape[:2], t)
+    xt = diffusion.q_sample(x0, noise, tt, det.alphas_cumprod)
+    return det.from_x(diffusion.x0_from_v(xt, det(xt, tt, tokens), tt, det.alphas_cumprod))
 
 
 def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: int) -> None:
@@ -72,10 +79,8 @@ def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: in
     x0, tokens = det.to_x(video), ae.encode(video)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     for t in (999, 500):
-        tt = torch.full(x0.shape[:2], t)
         with torch.no_grad():
-            xt = diffusion.q_sample(x0, noise, tt, det.alphas_cumprod)
-            pred = det.from_x(diffusion.x0_from_v(xt, det(xt, tt, tokens), tt, det.alphas_cumprod))
+            pred = one_step_x0(det, x0, noise, t, tokens)
         rgb = (((pred + 1) / 2) * mask).sum((1, 3, 4)) / mask.sum((1, 3, 4))  # (b, 3) mean colour in the object
         guess = (torch.nn.functional.normalize(rgb, dim=1) @ palette.T).argmax(1)
         right = sum(names[g] == c for g, c in zip(guess.tolist(), truth))
@@ -83,7 +88,9 @@ def hue_check(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: in
               f"(nearest of the {len(names)} non-white colours; chance {1 / len(names):.2f})")
 
 
-def format_scores(score: dict[str, float]) -> str:
+def probe_scores(videos: torch.Tensor, truth) -> str:
+    """The probe's agreement with ``truth`` over ``videos`` in [-1, 1], as one line of text."""
+    score = agreement_rates([probe_clip(v) for v in videos.clamp(-1, 1)], truth)
     return (f"probe agreement {score['all']:.3f} (colour {score['color']:.3f}, shape {score['shape']:.3f}, "
             f"direction {score['direction']:.3f})")
 
@@ -105,7 +112,7 @@ def partial_sampling(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, g
         out = det.decode(tokens, steps=25, guidance_scale=guidance, sampler="ddim", init_video=video,
                          init_t=start, generator=torch.Generator().manual_seed(seed))
         level = int(diffusion.timesteps_below(sched, start)[0])
-        print(f"sampling from the clip noised to t={level:4d}: {format_scores(agreement_rates(out.clamp(-1, 1), truth))}")
+        print(f"sampling from the clip noised to t={level:4d}: {probe_scores(out, truth)}")
 
 
 @torch.no_grad()
@@ -116,19 +123,16 @@ def x0_probe(ae: VideoAutoencoder, ds: ShapesVideoDataset, clips: int, seed: int
     x̂0 is the de-tokenizer's mean guess of the clip: what it draws where the tokens leave
     something uncertain is a blur. The blurred clips show how much blur the probe's shape
     reading survives (docs/TOKENIZER_TRAINING.md, finding 14)."""
-    det, acp = ae.detokenizer, ae.detokenizer.alphas_cumprod
+    det = ae.detokenizer
     video, truth = held_out_clips(ds, clips)
     tokens, x0 = ae.encode(video), det.to_x(video)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     for t in levels:
-        tt = torch.full(x0.shape[:2], t)
-        xt = diffusion.q_sample(x0, noise, tt, acp)
-        pred = det.from_x(diffusion.x0_from_v(xt, det(xt, tt, tokens), tt, acp))
-        print(f"x0 in one step from t={t:4d}: {format_scores(agreement_rates(pred.clamp(-1, 1), truth))}")
+        print(f"x0 in one step from t={t:4d}: {probe_scores(one_step_x0(det, x0, noise, t, tokens), truth)}")
     for sigma in sigmas:
         k = 2 * math.ceil(3 * sigma) + 1
         blurred = gaussian_blur(video.flatten(0, 1), [k, k], [sigma, sigma]).view_as(video)
-        print(f"true clips blurred, sigma {sigma:.1f} px: {format_scores(agreement_rates(blurred.clamp(-1, 1), truth))}")
+        print(f"true clips blurred, sigma {sigma:.1f} px: {probe_scores(blurred, truth)}")
 
 
 def main(argv=None) -> None:
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
                    help="also sample CLIPS clips from partly noised inputs (see above); 0 = skip")
     p.add_argument("--guidance", type=float, default=2.0, help="guidance scale of --partial")
     p.add_argument("--x0-probe", type=int, default=0, metavar="CLIPS",
-                   help="also probe CLIPS clips' one-step x̂0 at several noise levels, and blurred true clips; 0 = skip")
+                   help="also probe CLIPS clips' one-step x̂0 at several noise levels, and blurred true "
+                   "clips; 0 = skip")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     ae = load(Path(args.checkpoint))

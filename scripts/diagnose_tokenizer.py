@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from divot import presets
-from divot.probe import agreement_rates
+from divot.probe import agreement_rates, probe_clip
 from divot.shapes import ShapesVideoDataset
 from divot.tokenizer import DivotTokenizer
 from divot.unet import sincos_2d
@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
     val = clips(val_ds, 0, 32, frames)
     truth = [val_ds.world.clip("val", i) for i in range(len(val))]
     mean_clip = ((val - val.mean(0, keepdim=True)) ** 2).mean().item()
-    ceiling = agreement_rates(val, truth)  # what the probe reads on the true frames themselves
+    # What the probe reads on the true frames themselves: the ceiling of the read-out's score.
+    ceiling = agreement_rates([probe_clip(v) for v in val], truth)
     print(f"best constant clip (per-pixel mean) {mean_clip:.4f}; probe on the true frames: colour "
           f"{ceiling['color']:.3f}, shape {ceiling['shape']:.3f}, direction {ceiling['direction']:.3f}; "
           f"{vars(args)}", flush=True)
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 tokens = tok(val)
                 rebuilt = readout(tokens)
-                read = agreement_rates(rebuilt.clamp(-1, 1), truth)
+                read = agreement_rates([probe_clip(v) for v in rebuilt.clamp(-1, 1)], truth)
                 row = {"step": step, "mse": F.mse_loss(rebuilt, val).item(),
                        "mse_other_clip_tokens": F.mse_loss(readout(tokens.roll(1, 0)), val).item(),
                        "mse_constant_clip": mean_clip, "token_spread": tokens.std(0).mean().item(),

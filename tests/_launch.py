@@ -9,9 +9,9 @@ import os
 import socket
 
 
-def subprocess_env(**more: str) -> dict:
-    """The environment of a CPU-only child process, with ``more`` set on top."""
-    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", **more)
+def subprocess_env(**overrides: str) -> dict:
+    """The environment of a CPU-only child process (two threads unless ``overrides`` say otherwise)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", **overrides}
 
 
 def free_port() -> int:

@@ -41,7 +41,7 @@ def _launch_run(script: str, tmp_path: Path, *args: str, timeout: int = 600, sta
            "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "training" / script),
            "--output-dir", str(run), *args]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1"),
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     print(f"{script} under ZeRO-{stage}, 2 processes: {time.time() - start:.1f} s")

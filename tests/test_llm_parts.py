@@ -215,7 +215,6 @@ def test_projector_shapes_keys_and_roundtrip(tmp_path):
     assert back.config == out.config and torch.equal(back.proj[2].weight, out.proj[2].weight)
 
 
-
 def test_token_mixing_starts_as_the_paper_projector_and_reads_across_tokens(tmp_path):
     torch.manual_seed(0)
     cfg = projectors.InputProjectorConfig(token_dim=8, hidden_size=16, token_mixing=True, num_tokens=4)
@@ -237,6 +236,7 @@ def test_token_mixing_starts_as_the_paper_projector_and_reads_across_tokens(tmp_
     assert back.config == cfg and torch.equal(back(x), mixed(x))
     from llm.llm_config import llm_config
     assert llm_config("tiny").token_mixing and not llm_config("paper").token_mixing
+
 
 def test_paper_projectors_match_release_keys_and_shapes():
     with torch.device("meta"):  # no memory for the 100M-parameter output projector

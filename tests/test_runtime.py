@@ -211,7 +211,6 @@ def test_config_files_are_consistent():
 # --------------------------------------------------------------------------- DeepSpeed, 2 processes
 
 
-
 def _launch(config: str, outdir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),

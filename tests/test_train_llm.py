@@ -33,7 +33,7 @@ SFT = ["steps=3", "warmup_steps=1", "save_every=10", "lr=3e-3", *FAST]
 def _env1() -> dict:
     # One thread: the tiny model's ops are too small to gain from a second one, and the
     # results must not depend on how busy the machine is (bitwise-equal resume).
-    return dict(subprocess_env(), OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1")
+    return subprocess_env(OMP_NUM_THREADS="1", DIVOT_NUM_THREADS="1")
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -208,7 +208,7 @@ def test_two_process_deepspeed_zero2(tmp_path, tokenizer_dir):
            str(REPO / "training/configs/accelerate_cpu_zero2.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
            f"tokenizer_dir={tokenizer_dir}", "--stage", "pretrain", "steps=3", "warmup_steps=1", *FAST]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(subprocess_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DEEPSPEED" in (tmp_path / "runtime.yaml").read_text().upper()

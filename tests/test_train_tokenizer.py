@@ -23,7 +23,6 @@ FAST = ["batch_size=2", "stage1.steps=3", "stage2.steps=3", "stage1.warmup_steps
         "save_every=2", "log_every=1", "sample_every=100", "sample_clips=1", "sample_steps=2"]
 
 
-
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
@@ -87,7 +86,6 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert (straight / "tb").is_dir() and list((straight / "samples").glob("*.mp4"))
 
 
-
 @pytest.mark.slow
 def test_two_process_deepspeed_zero2(tmp_path):
     pytest.importorskip("deepspeed")
@@ -95,7 +93,7 @@ def test_two_process_deepspeed_zero2(tmp_path):
            str(REPO / "training/configs/accelerate_cpu_zero2.yaml"), "--num_processes", "2",
            "--main_process_port", str(free_port()), str(SCRIPT), "--output-dir", str(tmp_path),
            "--max-steps", "4", *FAST]
-    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DEEPSPEED" in (tmp_path / "runtime.yaml").read_text().upper()
