@@ -30,7 +30,7 @@ from torch import nn
 
 from divot import conditioning, diffusion
 from divot.modeling import PretrainedMixin
-from divot.pixel_head import PixelHead
+from divot.pixel_head import PixelHead, upgrade_legacy_state
 from divot.resampler import PerceiverResampler
 from divot.unet import UNetConfig, VideoUNet
 
@@ -336,6 +336,15 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
     def _drop_external_keys(module, state_dict, prefix, local_metadata) -> None:
         for key in [k for k in state_dict if any(k.startswith(prefix + p) for p in module.external_prefixes)]:
             del state_dict[key]
+
+    def upgrade_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of ``state`` with weights of an earlier layout of this module rewritten to the
+        current one (``divot.modeling.load_state_dict_strict`` calls it before checking keys)."""
+        state = dict(state)
+        if upgrade_legacy_state(state, "pixel_head."):
+            logger.warning("converted a pixel head saved in its first layout (divot/pixel_head.py); the "
+                           "converted head is close to, not identical with, the saved one")
+        return state
 
     @staticmethod
     def _forgive_external_missing(module, incompatible_keys) -> None:

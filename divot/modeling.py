@@ -55,7 +55,11 @@ def check_state_dict(own: Mapping[str, torch.Size], state: Mapping[str, torch.Te
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load with a readable report of missing/unexpected keys and shape mismatches."""
+    """Load with a readable report of missing/unexpected keys and shape mismatches. A model with
+    an ``upgrade_state_dict(state)`` method first rewrites weights saved by its earlier layouts."""
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    if upgrade is not None:
+        state = upgrade(state)
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source, type(model).__name__)
     model.load_state_dict(state, strict=True)
 

@@ -1,4 +1,5 @@
 """scripts/diagnose_detokenizer.py's hue check (the colour part of docs/TOKENIZER_TRAINING.md, finding 11)."""
+import copy
 import re
 import sys
 from pathlib import Path
@@ -96,3 +97,22 @@ def test_decode_from_a_noised_clip_errors():
         det.decode(tokens, steps=2, init_video=video, init_t=-1)
     with pytest.raises(ValueError, match="variance-preserving"):
         det.decode(tokens, steps=2, init_video=video, init_t=500, sampler="euler")
+
+
+def test_discriminator_separability_is_zero_for_the_same_clips_and_positive_otherwise():
+    import diagnose_discriminator
+
+    torch.manual_seed(0)
+    det = DivotDetokenizer(presets.detokenizer_config("tiny")).eval()
+    with torch.no_grad():  # a fresh U-Net's zero-initialised output would make every fake the same
+        det.unet.conv_out.weight.normal_(std=0.05)
+    tokenizer = DivotTokenizer(presets.tokenizer_config("tiny")).eval()
+    disc = diagnose_discriminator.Discriminator(copy.deepcopy(det)).eval()
+    video = torch.stack([ShapesVideoDataset("test", size=32)[i]["video"] for i in range(2)])
+    result = diagnose_discriminator.measure(disc, det, tokenizer, video, [20, 500])
+    assert set(result) == {20, 500} and all(len(row) == len(det.unet.cfg.block_out_channels) + 2
+                                            for row in result.values())
+    assert all(v > 0 for row in result.values() for v in row)
+    feats = torch.randn(6, 4, 3, 3)
+    assert diagnose_discriminator.separability(feats, feats) == 0.0
+    assert diagnose_discriminator.separability(feats, torch.zeros_like(feats)) > 0.5

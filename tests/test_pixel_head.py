@@ -1,10 +1,13 @@
 """The full-resolution pixel head of the tiny de-tokenizer (divot/pixel_head.py)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
+from divot import config as cfglib
 from divot import presets
 from divot.detokenizer import DivotDetokenizer
+from divot.modeling import atomic_save_state_dict
 from divot.pixel_head import PixelHead
 from divot.shapes import COLORS
 
@@ -24,7 +27,7 @@ def test_fresh_head_leaves_the_unet_output_unchanged_and_round_trips(tmp_path, c
         plain = det.network(x, t, ctx)
         det.pixel_head = head
         assert torch.allclose(det.network(x, t, ctx), plain, atol=1e-5)
-        head.net[-1].weight.normal_(std=0.1)
+        head.mlp[-1].weight.normal_(std=0.1)
         changed = det.network(x, t, ctx)
     assert not torch.allclose(changed, plain, atol=1e-3)
     det.save_pretrained(tmp_path)
@@ -109,3 +112,37 @@ def test_head_with_context_reads_the_colour_its_token_names():
     must fall far below that."""
     blind, reading = _train_colour_task(0), _train_colour_task(8)
     assert reading < 0.3 * blind, (reading, blind)
+
+
+def test_first_layout_converts_exactly_where_the_context_map_is_constant(tmp_path):
+    """A head saved in the first layout (one 3×3 conv over [pixels; context map], 1×1 convs)
+    loads through ``from_pretrained``; with the same context at every grid place (a constant
+    map) it computes what the first layout computed, away from the frame's border."""
+    torch.manual_seed(0)
+    det = DivotDetokenizer(presets.detokenizer_config("tiny", pixel_head_width=16, pixel_head_context=8)).eval()
+    state = det.state_dict()
+    for key in [k for k in state if k.startswith("pixel_head.") and not k.startswith("pixel_head.context_proj")]:
+        del state[key]
+    legacy = {"net.0.weight": 0.2 * torch.randn(16, 15, 3, 3), "net.0.bias": 0.1 * torch.randn(16),
+              "net.2.weight": 0.2 * torch.randn(16, 16, 1, 1), "net.2.bias": 0.1 * torch.randn(16),
+              "net.4.weight": 0.2 * torch.randn(3, 16, 1, 1), "net.4.bias": 0.1 * torch.randn(3)}
+    state.update({"pixel_head." + k: v for k, v in legacy.items()})
+    state["pixel_head.context_proj.weight"] = 0.3 * torch.randn(8, det.config.context_dim)
+    atomic_save_state_dict(state, tmp_path / "model.safetensors")
+    cfglib.save_json(det.config, tmp_path, extra={"_class": "DivotDetokenizer"})
+    loaded = DivotDetokenizer.from_pretrained(tmp_path).eval()
+
+    x0, x_in, t = torch.randn(1, 2, 48, 8, 8), torch.randn(1, 2, 48, 8, 8), torch.full((1, 2), 400)
+    context = torch.randn(1, 1, det.config.context_dim).expand(1, 64, -1)  # one token everywhere
+    with torch.no_grad():
+        new = loaded.pixel_head(x0, x_in, t, context) - x0
+        head = loaded.pixel_head
+        pix = [rearrange(v, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=4, p2=4) for v in (x0, x_in)]
+        level = torch.full_like(pix[0][:, :1], 0.4)
+        ctx_map = head.context_proj(context[:, 0]).reshape(1, 8, 1, 1).expand(2, 8, 32, 32)
+        h = F.silu(F.conv2d(torch.cat([*pix, level, ctx_map], 1), legacy["net.0.weight"], legacy["net.0.bias"],
+                            padding=1))
+        h = F.silu(F.conv2d(h, legacy["net.2.weight"], legacy["net.2.bias"]))
+        old = F.conv2d(h, legacy["net.4.weight"], legacy["net.4.bias"])
+    new = rearrange(new, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=4, p2=4)
+    torch.testing.assert_close(new[..., 1:-1, 1:-1], old[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-4)
