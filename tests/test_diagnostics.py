@@ -1,4 +1,5 @@
-"""scripts/diagnose_detokenizer.py's hue check (the colour part of docs/TOKENIZER_TRAINING.md, finding 11)."""
+"""The diagnostic scripts: diagnose_detokenizer.py (the hue check of finding 11, --partial,
+--x0-probe), probe_tokens.py, diagnose_tokenizer.py and diagnose_discriminator.py."""
 import copy
 import re
 import sys
