@@ -143,16 +143,25 @@ class Discriminator(nn.Module):
         """The frozen teacher's cross-attention context (b, n, d) for Divot tokens."""
         return self.front.context(tokens)
 
-    def features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        """Output of each encoder block, ((b f), c, h, w): each down level (after its
-        downsampler, as a diffusers down block) and the mid block."""
+    def unet_inputs(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> tuple:
+        """(sample, timesteps, context) as the teacher hands them to its U-Net: its whole input
+        path (EDM/v input scaling, extra input channels, …) run up to the U-Net."""
         tap = self.front.unet
-        self.front.predict_v(x_t, timesteps, context)  # the teacher's input path, up to its U-Net
-        sample, t, ctx = tap.inputs
-        tap.inputs, self._features = None, []
-        self.encoder(sample, t, ctx)
+        self.front.predict_v(x_t, timesteps, context)
+        inputs, tap.inputs = tap.inputs, None
+        return inputs
+
+    def encode(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """Output of each encoder block, ((b f), c, h, w), for U-Net inputs (:meth:`unet_inputs`):
+        each down level (after its downsampler, as a diffusers down block) and the mid block."""
+        self._features = []
+        self.encoder(sample, timesteps, context)
         feats, self._features = self._features, []
         return feats
+
+    def features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder blocks' outputs (:meth:`encode`) for a noised clip ``x_t``."""
+        return self.encode(*self.unet_inputs(x_t, timesteps, context))
 
     def classify(self, feats: list[torch.Tensor], context: torch.Tensor, f: int) -> dict[str, torch.Tensor]:
         """The heads' logits for encoder features (see the class docstring for shapes)."""

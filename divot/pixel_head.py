@@ -21,9 +21,9 @@ it has (finding 11): a pixel's colour is then a short, local function (brightnes
 the colour its token names), which a per-pixel MLP learns in few steps (finding 12). The map is
 smooth at the pixel scale (one grid cell spans 8 pixels in ``tiny``), so it enters through a
 per-pixel linear layer, not the 3×3 convolution: nearly the same functions, at a fraction of
-the cost. The head took 45 % of the de-tokenizer's training step in a profile; with this form
-and the per-pixel layers run channels-last as matrix products (faster on CPU than 1×1
-convolutions), a ``tiny`` stage-1 step went from 0.61 to 0.46 s (finding 15).
+the cost. With this form and the per-pixel layers run channels-last as matrix products (faster
+on CPU than 1×1 convolutions), a ``tiny`` stage-1 step went from 0.61 to 0.46 s
+(``scripts/bench.py --only detokenizer_train --batch-size 4``; finding 15).
 
 Axes: b = batch, f = frames, c = channels, h, w = patch grid (H, W: pixels), p = patch side,
 n = context tokens, d = context width, k = context channels.
@@ -72,8 +72,10 @@ class PixelHead(nn.Module):
 
     def context_map(self, context: torch.Tensor, frames: int, size: tuple[int, int]) -> torch.Tensor:
         """((b f), H, W, k): the context tokens (b, n, d), laid on their grid, projected to k
-        channels and interpolated to every pixel (channels last)."""
-        dense = interpolate_grid(self.context_proj(context), self.context_grid, (frames, *size))
+        channels, scaled by :data:`CONTEXT_GAIN` and interpolated to every pixel (channels last)."""
+        # The gain is applied on the tokens (b, n, k), before the linear interpolation and
+        # ``context_in``, where it costs nothing: the same as scaling the per-pixel path.
+        dense = interpolate_grid(CONTEXT_GAIN * self.context_proj(context), self.context_grid, (frames, *size))
         return rearrange(dense, "b k f h w -> (b f) h w k")
 
     def forward(self, x0: torch.Tensor, x_in: torch.Tensor, timesteps: torch.Tensor,
@@ -90,7 +92,7 @@ class PixelHead(nn.Module):
         if self.context_proj is not None:
             if context is None:
                 raise ValueError("this pixel head reads the context: pass context")
-            hidden = hidden + CONTEXT_GAIN * self.context_in(self.context_map(context.to(dtype), f, pix.shape[-2:]))
+            hidden = hidden + self.context_in(self.context_map(context.to(dtype), f, pix.shape[-2:]))
         p = self.patch
         res = rearrange(self.mlp(hidden), "(b f) (h p1) (w p2) c -> b f (c p1 p2) h w", b=b, p1=p, p2=p)
         return x0 + res.to(x0.dtype)

@@ -45,9 +45,8 @@ def separability(real: torch.Tensor, fake: torch.Tensor) -> float:
 @torch.no_grad()
 def tap_features(disc: Discriminator, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
     """[U-Net input ((b f), c, h, w), then each encoder block's output], as D sees them."""
-    disc.front.predict_v(x_t, t, context)  # the teacher's input path; its tap records the U-Net input
-    sample = rearrange(disc.front.unet.inputs[0], "b f c h w -> (b f) c h w")
-    return [sample, *disc.features(x_t, t, context)]
+    sample, t_in, ctx = disc.unet_inputs(x_t, t, context)
+    return [rearrange(sample, "b f c h w -> (b f) c h w"), *disc.encode(sample, t_in, ctx)]
 
 
 @torch.no_grad()
