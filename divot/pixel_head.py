@@ -104,6 +104,11 @@ _LEGACY = {"net.0.bias": "pixel_in.bias", "net.2.weight": "mlp.1.weight", "net.2
            "net.4.weight": "mlp.3.weight", "net.4.bias": "mlp.3.bias"}
 
 
+def is_legacy_layout(keys, prefix: str) -> bool:
+    """Whether weight names ``keys`` hold a pixel head (under ``prefix``) in the first layout."""
+    return prefix + "net.0.weight" in keys
+
+
 def upgrade_legacy_state(state: dict[str, torch.Tensor], prefix: str) -> bool:
     """Rewrite, in place, a pixel head's weights (keys under ``prefix``) from the first layout
     to this one; True if it found that layout. Pure apart from mutating ``state``.

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.tokenizer_setup import StepSampler, TokenizerTrainConfig, stage_lambdas
+from divot.modeling import CheckpointError
+from training.tokenizer_setup import StepSampler, TokenizerTrainConfig, check_resumable, stage_lambdas
 
 from _launch import free_port, subprocess_env
 
@@ -60,6 +61,18 @@ def test_schedule_freezes_tokenizer_in_stage2_and_sampler_is_positional():
     it_full, it_later = iter(full), iter(later)
     head = [next(it_full) for _ in range(4 * 8)]
     assert head[4 * 5: 4 * 6] == [next(it_later) for _ in range(4)]
+
+
+def test_resume_of_a_first_layout_checkpoint_names_the_way_on(tmp_path):
+    from safetensors.torch import save_file
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d, key in ((old, "net.0.weight"), (new, "pixel_in.weight")):
+        d.mkdir()
+        save_file({f"detokenizer.pixel_head.{key}": torch.zeros(1)}, str(d / "model.safetensors"))
+    check_resumable(new)
+    check_resumable(tmp_path)  # no model.safetensors (a DeepSpeed checkpoint): nothing to check
+    with pytest.raises(CheckpointError, match=f"init_from={old}"):
+        check_resumable(old)
 
 
 @pytest.mark.slow

@@ -131,26 +131,29 @@ class CheckpointManager:
         complete = self.checkpoints()
         return complete[-1] if complete else None
 
-    def load(self, accelerator: Accelerator, path: str | os.PathLike) -> dict:
-        """Restore everything ``save`` wrote (collective); returns its ``extra`` dict."""
+    def load(self, accelerator: Accelerator, path: str | os.PathLike, check=None) -> dict:
+        """Restore everything ``save`` wrote (collective); returns its ``extra`` dict. ``check(path)``,
+        if given, runs first: it raises for a checkpoint this code cannot resume (with the reason)."""
         path = Path(path)
         state_file = path / STATE_FILE
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+        if check is not None:
+            check(path)
         accelerator.load_state(str(path))
         relink_schedulers(accelerator)
         logger.info("resumed from %s", path)
         return json.loads(state_file.read_text())
 
-    def load_latest(self, accelerator: Accelerator) -> dict | None:
-        """``load(latest())`` or None when there is nothing to resume from."""
+    def load_latest(self, accelerator: Accelerator, check=None) -> dict | None:
+        """``load(latest(), check)`` or None when there is nothing to resume from."""
         path = self.latest(accelerator)
         accelerator.wait_for_everyone()  # stale-dir cleanup done before anyone reads
-        return None if path is None else self.load(accelerator, path)
+        return None if path is None else self.load(accelerator, path, check)
 
-    def resume(self, accelerator: Accelerator, resume: bool) -> tuple[dict | None, int]:
+    def resume(self, accelerator: Accelerator, resume: bool, check=None) -> tuple[dict | None, int]:
         """(trainer state, step to go on from): the latest checkpoint with ``--resume``, else a fresh start."""
-        state = self.load_latest(accelerator) if resume else None
+        state = self.load_latest(accelerator, check) if resume else None
         if resume and state is None:
             logger.warning("--resume given but %s holds no checkpoint; starting from scratch", self.root)
         return state, int(state["step"]) if state else 0

@@ -19,6 +19,7 @@ fine-tunes the U-Net with 5% condition dropout. The run directory holds
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -37,8 +38,9 @@ from divot.shapes import ShapesVideoDataset
 from divot.video_io import side_by_side, to_uint8, write_video
 from training import cli, optim, runtime
 from training.checkpoints import CheckpointManager
+from training.ema import TokenizerEMA, check_decay
 from training.tokenizer_setup import (StepSampler, TokenizerAutoencoder, TokenizerTrainConfig, build_model,
-                                      check_init_from, expand_presets, optimizer_groups, stage_of)
+                                      check_init_from, check_resumable, expand_presets, optimizer_groups, stage_of)
 
 logger = logging.getLogger("pretrain_tokenizer")
 
@@ -95,8 +97,12 @@ def write_preview(model: TokenizerAutoencoder, clips: torch.Tensor, cfg: Tokeniz
     return psnr
 
 
-def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
-    """Final ``tokenizer/`` and ``detokenizer/`` directories (complete weights, also under ZeRO-3)."""
+def export(model, accelerator, cfg: TokenizerTrainConfig, ema: TokenizerEMA | None = None) -> None:
+    """Final ``tokenizer/`` and ``detokenizer/`` directories (complete weights, also under ZeRO-3);
+    with ``ema``, its averaged weights (and the grey-clip tokens of the averaged tokenizer)."""
+    if ema is not None:
+        ema.copy_to_model()
+        accelerator.unwrap_model(model).refresh_null_tokens()
     module, state = runtime.unwrap_for_save(accelerator, model)
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
@@ -104,6 +110,15 @@ def export(model, accelerator, cfg: TokenizerTrainConfig) -> None:
             part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             getattr(module, name).save_pretrained(out / name, state_dict=part)
         print(f"saved tokenizer and de-tokenizer to {out}/{{tokenizer,detokenizer}}")
+
+
+def make_ema(cfg: TokenizerTrainConfig, accelerator, model) -> TokenizerEMA | None:
+    """The weights' moving average (``ema_decay`` > 0), registered so checkpoints hold it."""
+    if not cfg.ema_decay:
+        return None
+    ema = TokenizerEMA(accelerator.unwrap_model(model), cfg.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
@@ -120,12 +135,13 @@ def train(cfg: TokenizerTrainConfig, resume: bool) -> None:
     optim.compile_modules(model.tokenizer, model.detokenizer.unet, enabled=cfg.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = make_ema(cfg, accelerator, model)
     ckpt = CheckpointManager(out, keep_last=cfg.keep_last)
-    state, step = ckpt.resume(accelerator, resume)
+    state, step = ckpt.resume(accelerator, resume, check=check_resumable)
     counters = dict(state.get("counters", {})) if state else {"corrupt": 0, "skipped_batches": 0}
     accelerator.init_trackers("pretrain_tokenizer", config=runtime.flat_dict(cfglib.to_dict(cfg)))
-    loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters)
-    export(model, accelerator, cfg)
+    loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters, ema)
+    export(model, accelerator, cfg, ema)
     accelerator.end_training()
 
 
@@ -163,7 +179,7 @@ def optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counte
     return torch.stack(losses).mean(), torch.stack(spreads).mean(), grad_norm
 
 
-def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) -> None:
+def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters, ema=None) -> None:
     raw = accelerator.unwrap_model(model)
     gas = accelerator.gradient_accumulation_steps
     loader = iter(build_loader(cfg, accelerator.process_index, accelerator.num_processes, step * gas))
@@ -176,12 +192,16 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
     while step < total:
         stage, scfg = stage_of(cfg, step)
         if step == cfg.stage1.steps:
+            if ema is not None:
+                ema.reset_tokenizer()
             raw.refresh_null_tokens()  # tokenizer frozen from here on: its grey-clip tokens are final
             logger.info("stage 2: tokenizer frozen, U-Net fine-tuning with %.0f%% condition dropout",
                         100 * scfg.cond_dropout)
         loss, spread, grad_norm = optimizer_step(cfg, accelerator, model, optimizer, scheduler, loader, counters,
                                          cache, stage, scfg)
         step += 1
+        if ema is not None:
+            ema.step()
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             lrs = scheduler.get_last_lr()
@@ -196,7 +216,9 @@ def loop(cfg, accelerator, model, optimizer, scheduler, ckpt, step, counters) ->
             bar.set_postfix(loss=f"{logs['loss']:.4f}", spread=f"{logs['tokens/spread_across_clips']:.3f}",
                             stage=stage)
         if step % cfg.sample_every == 0 or step == total:
-            accelerator.log({"preview/psnr": write_preview(raw, previews, cfg, step, stage, accelerator)}, step=step)
+            with ema.averaged() if ema is not None else contextlib.nullcontext():
+                psnr = write_preview(raw, previews, cfg, step, stage, accelerator)
+            accelerator.log({"preview/psnr": psnr}, step=step)
         if step % cfg.save_every == 0 or step == total:
             ckpt.save(accelerator, step, {"counters": counters, "stage": stage})
     bar.close()
@@ -212,12 +234,16 @@ def main(argv=None) -> None:
     try:
         cfg = cli.resolve(TokenizerTrainConfig, args, overrides, expand=expand_presets)
         check_init_from(cfg)
+        check_decay(cfg.ema_decay)
     except (cfglib.ConfigError, ValueError, CheckpointError) as e:
         sys.exit(f"config error: {e}")
     if args.print_config:
         print(yaml.safe_dump(cfglib.to_dict(cfg), sort_keys=False))
         return
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except CheckpointError as e:  # e.g. --resume on a checkpoint of an older layout: the reason, no traceback
+        sys.exit(f"checkpoint error: {e}")
 
 
 if __name__ == "__main__":
