@@ -39,8 +39,9 @@ from divot.resampler import interpolate_grid
 # The context path's gain. A 3×3 kernel over a map that is smooth at the pixel scale acts as
 # nine taps of nearly the same input, so Adam, which moves every weight by about the learning
 # rate, moved that path about 3× (√9) faster than one per-pixel layer does. Without the gain
-# the head learns to read colours from the map ~4× more slowly (tests/test_pixel_head.py task:
-# error 0.38 of the blind head's after 250 steps, against 0.10 for the 3×3 form and 0.06 with it).
+# the head learned to read colours from the map ~4× more slowly (development measurement with
+# the colour task of tests/test_pixel_head.py, finding 15: error 0.38 of the blind head's after
+# 250 steps, against 0.10 for the 3×3 form, which is no longer in the code, and 0.06 with the gain).
 CONTEXT_GAIN = 3.0
 
 
@@ -119,9 +120,9 @@ def upgrade_legacy_state(state: dict[str, torch.Tensor], prefix: str) -> bool:
     constant over a pixel's 3×3 neighbourhood, which trilinear interpolation over 8-pixel cells
     nearly is. A converted head is therefore close to, not identical with, the original.
     """
-    conv = state.pop(prefix + "net.0.weight", None)
-    if conv is None:
+    if not is_legacy_layout(state, prefix):
         return False
+    conv = state.pop(prefix + "net.0.weight")
     if conv.ndim != 4 or conv.shape[1] < 7 or conv.shape[-2:] != (3, 3):
         raise ValueError(f"{prefix}net.0.weight: expected (width, 7 + k, 3, 3), got {tuple(conv.shape)}")
     state[prefix + "pixel_in.weight"] = conv[:, :7].contiguous()

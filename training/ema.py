@@ -3,7 +3,7 @@
 Diffusion models are sampled from an average of their recent weights (DDPM, LDM): the last
 weights of a short run at a high learning rate and a small batch carry the noise of their last
 few steps, which every sample inherits. On the ``tiny`` default run the average lifts the
-reconstructions' PSNR by about 0.7 dB (docs/TOKENIZER_TRAINING.md, finding 16).
+reconstructions' PSNR by 0.6 dB (docs/TOKENIZER_TRAINING.md, finding 16).
 
 The decay at optimizer step k is ``min(decay, (1 + k) / (10 + k))``, the warm-up diffusers'
 ``EMAModel`` uses by default, so the fast-moving early weights are forgotten quickly; a

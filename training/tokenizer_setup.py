@@ -107,7 +107,7 @@ class TokenizerTrainConfig:
     guidance_scale: float = 2.0  # tiny; sweep in docs/TOKENIZER_TRAINING.md, finding 12
     guidance_rescale: float = 0.7
     # Previews and the exported weights use a moving average of the weights (training/ema.py;
-    # finding 16: +0.7 dB PSNR on the default run); 0 = off. Warm-up: a 900-step run ends near 0.99.
+    # finding 16: +0.6 dB PSNR on the default run); 0 = off. Warm-up: a 900-step run ends near 0.99.
     ema_decay: float = 0.999
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
