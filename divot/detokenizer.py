@@ -5,7 +5,7 @@ context_dim) cross-attention context → factorized space-time U-Net predicting 
 It works in one of two spaces:
 
 * ``pixel`` (``tiny``): frames in [-1, 1], folded space-to-depth by ``pixel_patch``
-  (32×32×3 with patch 4 → 8×8×48) so a CPU can train it in minutes.
+  (32×32×3 with patch 2 → 16×16×12) so a CPU can train it in minutes.
 * ``latent`` (``paper``): a frozen diffusers ``AutoencoderKL`` loaded from a local
   directory (never downloaded), 4 channels, scale 0.18215, decoded per frame.
 
@@ -319,7 +319,7 @@ class DivotDetokenizer(PretrainedMixin, nn.Module):
             raise ValueError(f"init_video needs init_t and {tuple(noise.shape[:2])} (batch, frames), got "
                              f"init_t={init_t} and a video of shape {tuple(init_video.shape)}")
         if sched.init_noise_sigma != 1.0:  # σ-space samplers (Euler) do not take a q_sample'd input
-            raise ValueError("init_video needs a sampler in variance-preserving form (ddim, dpm++, unipc)")
+            raise ValueError("init_video needs a sampler in variance-preserving form (ddim, dpm++, unipc, ddpm)")
         return diffusion.timesteps_below(sched, init_t)
 
     def _guided_v(self, x_in: torch.Tensor, ts: torch.Tensor, cond: torch.Tensor, scale: float,

@@ -15,7 +15,7 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, UniPCMultistepScheduler)
 
-SAMPLERS = ("ddim", "dpm++", "unipc", "euler")
+SAMPLERS = ("ddim", "dpm++", "unipc", "euler", "ddpm")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ def make_sampler(cfg: NoiseConfig, kind: str = "ddim"):
         return UniPCMultistepScheduler(**kw, rescale_betas_zero_snr=zsnr, final_sigmas_type="zero")
     if kind == "euler":
         return EulerDiscreteScheduler(**kw, rescale_betas_zero_snr=zsnr, final_sigmas_type="zero")
+    if kind == "ddpm":
+        # Ancestral sampling (Ho et al. 2020): fresh noise at every step, the posterior's
+        # variance between the strided timesteps.
+        return DDPMScheduler(**kw, rescale_betas_zero_snr=zsnr, clip_sample=False)
     raise ValueError(f"unknown sampler {kind!r}; choose from {SAMPLERS}")
 
 

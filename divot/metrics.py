@@ -1,4 +1,4 @@
-"""Image/video fidelity metrics as pure functions: PSNR and SSIM.
+"""Image/video fidelity metrics as pure functions: PSNR, SSIM and the background's level.
 
 Inputs are videos (…, 3, h, w) in [-1, 1] (the project's convention); both
 metrics work on [0, 1] intensities and average over frames. SSIM follows Wang et
@@ -53,6 +53,27 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     s = ssim_images(rearrange(_unit(pred), "b f c h w -> (b f) c h w"),
                     rearrange(_unit(target), "b f c h w -> (b f) c h w"))
     return rearrange(s, "(b f) -> b f", b=b).mean(dim=1)
+
+
+def background_level(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Median grey level (0–255, mean of RGB) of ``pred`` where ``target`` is pure black.
+
+    On the Shapes world's black background a few levels above 0 cost much SSIM: on a flat
+    window SSIM's luminance term with its constant (0.01)² is about 0.29 for a 4-level offset
+    (docs/TOKENIZER_TRAINING.md, finding 16). NaN when ``target`` has no black pixel.
+    """
+    black = (_unit(target) <= 0.5 / 255).all(dim=-3)  # (b, f, h, w)
+    if not black.any():
+        return float("nan")
+    grey = _unit(pred).mean(dim=-3) * 255
+    return grey[black].median().item()
+
+
+def ssim_background_fixed(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-clip SSIM after setting ``pred`` to black wherever ``target`` is pure black: SSIM of the
+    objects alone, without the background offset that :func:`background_level` measures."""
+    black = (_unit(target) <= 0.5 / 255).all(dim=-3, keepdim=True)
+    return ssim(torch.where(black, torch.full_like(pred, -1.0), pred), target)
 
 
 def mean_ci95(values) -> tuple[float, float]:

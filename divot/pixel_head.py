@@ -1,10 +1,11 @@
 """Full-resolution head for a space-to-depth pixel U-Net (the ``tiny`` de-tokenizer).
 
-In pixel space the U-Net sees each p×p patch as 3·p² channels (32×32×3 with p = 4 → 8×8×48).
-At low noise the clean clip is the noisy input with its per-pixel noise removed, and removing
-it takes one nonlinearity per pixel value: 48 of them per position, more than a 64-channel
-first level learns in a CPU budget. Its x̂0 then keeps most of the noise (v-loss ≈ 0.94 at
-t = 10), and every sample ends in speckle (docs/TOKENIZER_TRAINING.md, finding 11).
+In pixel space the U-Net sees each p×p patch as 3·p² channels (32×32×3 with p = 4 → 8×8×48;
+the ``tiny`` preset now folds by 2, 16×16×12: finding 17). At low noise the clean clip is the
+noisy input with its per-pixel noise removed, and removing it takes one nonlinearity per pixel
+value: with p = 4, 48 of them per position, more than a 64-channel first level learns in a CPU
+budget. Its x̂0 then keeps most of the noise (v-loss ≈ 0.94 at t = 10), and every sample ends
+in speckle (docs/TOKENIZER_TRAINING.md, finding 11).
 
 This head corrects the U-Net's x̂0 one pixel at a time: per frame, a 3×3 convolution over
 [x̂0, network input, noise level] at full resolution, then two per-pixel layers, whose output

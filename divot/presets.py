@@ -37,17 +37,21 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         # context is the 64 tokens, projected, on the tokenizer's grid (finding 10).
         "token_dim": 32, "context_tokens": 64, "context_grid": [4, 4, 4], "context_dim": 128,
         "resampler_depth": 0, "resampler_heads": 4, "resampler_dim_head": 32, "frame_size": 32,
-        "space": "pixel", "pixel_patch": 4,
+        # Pixel space folded 2×2 (16×16×12 per frame): the top U-Net level sees the objects'
+        # outlines, which a 4×4 fold (8×8×48) left to one linear layer per patch; the probe finds
+        # the shape twice as often for ~1.4× the training time (docs/TOKENIZER_TRAINING.md, finding 17).
+        "space": "pixel", "pixel_patch": 2,
         # A full-resolution head corrects x̂0 pixel by pixel: without it the U-Net leaves the
         # noise of low noise levels in every sample (divot/pixel_head.py, finding 11). It also
         # reads a dense map of the context, from which it learns the objects' colours (finding 12).
         "pixel_head_width": 64, "pixel_head_context": 32,
         # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
         "noise": {"parameterization": "edm"},
-        # 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). The top level
-        # needs ≥ 48 channels: at low noise v ≈ ε holds 48 independent values per position.
-        "unet": {"in_channels": 48, "out_channels": 48, "block_out_channels": [64, 64, 128],
-                 "attention_levels": [False, True, True], "layers_per_block": 1, "head_channels": 32,
+        # 16×16 → 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). A level's
+        # convolutions cost positions × channels², so 32 channels at 16×16 cost what 64 do at 8×8;
+        # 32 is well above the 12 independent values v ≈ ε holds per position at low noise (finding 1).
+        "unet": {"in_channels": 12, "out_channels": 12, "block_out_channels": [32, 64, 64, 128],
+                 "attention_levels": [False, False, True, True], "layers_per_block": 1, "head_channels": 32,
                  "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2,
                  # Queries start out reading the context tokens at their own place; the condition
                  # enters through zero-initialised layers (finding 10).

@@ -323,6 +323,21 @@ def agreement_rates(probed: list[list[ProbedObject]], clips) -> dict[str, float]
     return rates
 
 
+def shape_confusion(probed: list[list[ProbedObject]], clips) -> dict[str, dict[str, int]]:
+    """How each true object's shape was read: ``{true shape: {read shape: count}}``.
+
+    An object is paired with the probed object of its colour (the probe keeps one object per
+    colour); ``"missing"`` counts objects whose colour was not found. Shows, for example, that
+    ragged reconstructions read as discs (docs/TOKENIZER_TRAINING.md, finding 17).
+    """
+    table = {s: {r: 0 for r in (*SHAPES, "missing")} for s in SHAPES}
+    for found, clip in zip(probed, clips):
+        by_color = {o.color: o.shape for o in found}
+        for obj in clip.objects:
+            table[obj.shape][by_color.get(obj.color, "missing")] += 1
+    return table
+
+
 def attributes_from_caption(text: str) -> list[dict]:
     """Parse a caption ("a red circle moves left and a ...") to [{color, shape, direction}].
 

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from divot import diffusion  # noqa: E402
 from divot.modeling import CheckpointError  # noqa: E402
 from divot.probe import attributes_from_caption, probe_agrees_caption, probe_clip  # noqa: E402
 from divot.shapes import ShapesWorld, canonical_caption, render  # noqa: E402
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="de-tokenizer sampling steps")
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--guidance-rescale", type=float, default=0.7)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "unipc", "euler"])
+    p.add_argument("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
     p.add_argument("--variance-scale", type=float, default=None, help="GMM sampling variance (default: model's)")
     p.add_argument("--seed", type=int, default=0, help="a video's seed is this plus its index")
     p.add_argument("--output-dir", default="runs/eval/generation", help="results folder (a re-run resumes)")

@@ -8,7 +8,10 @@ For held-out Shapes clips (the test split, never trained on) it reports PSNR,
 SSIM and **probe agreement**: the attribute probe reads colour, shape and
 direction back from the reconstruction and all three must match the clip. The
 figures are given overall, for clips with only training colour–shape pairs
-("seen") and for clips with a held-out pair ("heldout"). For a folder of real
+("seen") and for clips with a held-out pair ("heldout"). Diagnostics beside them:
+how each true shape was read (``probe_shape_confusion``), the reconstruction's
+grey level where the clip is black (``background_level``, 0–255) and SSIM with
+that background set to black (``ssim_background_fixed``). For a folder of real
 videos (``--data``) it reports PSNR/SSIM. The last line printed is one JSON
 object; ``metrics.json`` and side-by-side videos (input | reconstruction) go to
 ``--output-dir``.
@@ -26,10 +29,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from divot import metrics
+from divot import diffusion, metrics
 from divot.autoencoder import VideoAutoencoder
 from divot.modeling import CheckpointError
-from divot.probe import agreement_rates, probe_agrees, probe_clip
+from divot.probe import agreement_rates, probe_agrees, probe_clip, shape_confusion
 from divot.shapes import ShapesWorld, render
 from divot.video_io import VIDEO_EXTENSIONS, VideoReadError, read_clip, side_by_side, to_tensor, to_uint8, write_video
 
@@ -40,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="folder of real videos (PSNR/SSIM only)")
     p.add_argument("--num-clips", type=int, default=64, help="held-out Shapes clips to score")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "unipc", "euler"])
+    p.add_argument("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default: the run's config.yaml, else 7.5)")
     p.add_argument("--guidance-rescale", type=float, default=0.7)
@@ -97,6 +100,10 @@ def shapes_report(model: VideoAutoencoder, args, out_dir: Path) -> dict:
         "probe_agreement_seen": float(agree[~heldout].mean()) if (~heldout).any() else None,
         "probe_agreement_heldout": float(agree[heldout].mean()) if heldout.any() else None,
         "probe_attribute_accuracy": per_attr, "num_clips": len(clips), "num_heldout": int(heldout.sum()),
+        # Diagnostics: how shapes are misread, and how much of SSIM is the background's level.
+        "probe_shape_confusion": shape_confusion(probed, clips),
+        "background_level": metrics.background_level(recon, videos),
+        "ssim_background_fixed": metrics.ssim_background_fixed(recon, videos).mean().item(),
         "probe_on_inputs": float(np.mean([probe_agrees(probe_clip(v), c) for v, c in zip(videos, clips)])),
     }
 
@@ -136,6 +143,10 @@ def main(argv=None) -> dict:
     print(f"Shapes test clips: PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.3f}  "
           f"probe agreement {result['probe_agreement']:.3f} (seen {result['probe_agreement_seen']}, "
           f"heldout {result['probe_agreement_heldout']})")
+    print(f"background grey level {result['background_level']:.1f} / 255, SSIM with it set to black "
+          f"{result['ssim_background_fixed']:.3f}; shapes read as: "
+          + "; ".join(f"{s} → " + ", ".join(f"{r} {n}" for r, n in row.items() if n)
+                      for s, row in result["probe_shape_confusion"].items()))
     if args.data:
         result["real"] = real_report(model, args, out_dir)
         print(f"real videos: PSNR {result['real']['psnr']:.2f} dB  SSIM {result['real']['ssim']:.3f}")

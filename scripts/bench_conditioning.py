@@ -35,7 +35,7 @@ import torch
 # Runnable from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from divot import metrics  # noqa: E402
+from divot import diffusion, metrics  # noqa: E402
 from divot.autoencoder import VideoAutoencoder  # noqa: E402
 from divot.conditioning import KNOWN_METHODS, TASKS, task_mask  # noqa: E402
 from divot.long_video import clips_needed, extend_video, join_continuity, join_indices  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("checkpoint", nargs="?", default="runs/tokenizer", help="run dir with tokenizer/ and detokenizer/")
     p.add_argument("--num-clips", type=int, default=16, help="held-out Shapes clips per task")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "unipc", "euler"])
+    p.add_argument("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the run's config.yaml, else 7.5")
     p.add_argument("--guidance-rescale", type=float, default=0.7)
     p.add_argument("--methods", default="clean,replacement,guidance", help="known-frame methods for the tasks")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from divot import diffusion
 from divot.detokenizer import DivotDetokenizer
 from divot.modeling import CheckpointError
 from divot.probe import probe_agrees, probe_clip
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=16, help="held-out Shapes clips")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=50, help="teacher sampling steps")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "unipc", "euler"])
+    p.add_argument("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--guidance-rescale", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

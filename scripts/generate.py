@@ -16,6 +16,7 @@ from pathlib import Path
 # Runnable from a source checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from divot import diffusion  # noqa: E402
 from divot.modeling import CheckpointError  # noqa: E402
 from llm.pipeline import GENERATION_CHECKPOINTS, PromptTooLongError, find_checkpoint, load  # noqa: E402
 
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="de-tokenizer sampling steps")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale")
     parser.add_argument("--guidance-rescale", type=float, default=0.7)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "unipc", "euler"])
+    parser.add_argument("--sampler", default="ddim", choices=list(diffusion.SAMPLERS))
     parser.add_argument("--variance-scale", type=float, default=None,
                         help="GMM sampling variance scale (default: the model's, 0.1)")
     parser.add_argument("--use-mean", action="store_true", help="take the GMM mixture mean instead of sampling")

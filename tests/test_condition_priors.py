@@ -100,6 +100,11 @@ def test_diagnose_tokenizer_smoke(capsys):
     assert all(float(x) >= 0.9 for x in ceiling)  # the probe reads the 5 tokenizer frames themselves
 
 
+def _first_attention(det: DivotDetokenizer):
+    """The spatial transformer of the U-Net's first level with attention (4×4 in ``tiny``)."""
+    return next(level[0].attn for level in det.unet.down if level[0].attn is not None)
+
+
 def test_unet_cross_attention_locality_reads_its_own_place():
     """With a sharp prior, changing the context token of one corner moves that corner's output."""
     cfg = presets.detokenizer_config("tiny", resampler_depth=2, context_tokens=16, context_grid=(1, 4, 4),
@@ -109,7 +114,7 @@ def test_unet_cross_attention_locality_reads_its_own_place():
     with torch.no_grad():
         for p in det.unet.parameters():  # zero-init outputs would hide any dependence
             p.add_(torch.randn_like(p) * 0.02)
-        blk = det.unet.down[1][0].attn  # the 4×4 level
+        blk = _first_attention(det)  # the 4×4 level
         x = torch.randn(2, blk.proj_in.in_features, 4, 4)
         ctx = torch.randn(2, 16, cfg.context_dim)
         moved = ctx.clone()
@@ -130,12 +135,12 @@ def test_condition_zero_init_starts_blind_but_learns():
     det = DivotDetokenizer(cfg)
     with torch.no_grad():
         det.unet.conv_out.weight.normal_(std=0.02)  # else the zero output layer hides everything
-    x, t = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16))
+    x, t = torch.randn(2, 16, cfg.x_channels, cfg.x_size, cfg.x_size), torch.randint(0, 1000, (2, 16))
     tokens = torch.randn(2, 64, 32)
     out = det(x, t, tokens)
     assert torch.equal(out, det(x, t, tokens.roll(1, 0)))
     out.pow(2).mean().backward()
-    to_out = det.unet.down[1][0].attn.attn2.to_out[0]
+    to_out = _first_attention(det).attn2.to_out[0]
     assert to_out.weight.grad.abs().sum() > 0
     assert det.unet.context_embedding.linear_2.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in det.image_proj_model.parameters())
@@ -151,7 +156,7 @@ def test_detokenizer_without_resampler_projects_the_tokens(tmp_path):
     # token i stays context token i (a batched and a single matmul differ by rounding, ~4e-7 on AMD EPYC)
     assert torch.allclose(ctx[:, 5], det.image_proj_model(tokens[:, 5]), atol=1e-5)
     det.save_pretrained(tmp_path)
-    x, t = torch.randn(1, 16, 48, 8, 8), torch.randint(0, 1000, (1, 16))
+    x, t = torch.randn(1, 16, cfg.x_channels, cfg.x_size, cfg.x_size), torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert torch.equal(det(x, t, tokens[:1]), DivotDetokenizer.from_pretrained(tmp_path).eval()(x, t, tokens[:1]))
     with pytest.raises(ValueError, match="resampler_depth=0 needs"):

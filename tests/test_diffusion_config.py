@@ -68,6 +68,17 @@ def test_psnr_ssim():
     assert metrics.psnr(torch.full_like(a, 0.2), torch.zeros_like(a)).allclose(torch.full((2,), 20.0), atol=1e-4)
 
 
+def test_background_level_and_fixed_ssim():
+    target = torch.full((1, 2, 3, 48, 48), -1.0)
+    target[..., 4:10, 4:10] = 0.6  # a grey square on black: most SSIM windows are flat black
+    grey4 = -1.0 + 2 * 4 / 255  # four grey levels above black
+    pred = torch.where(target > -1, target, torch.full_like(target, grey4))
+    assert abs(metrics.background_level(pred, target) - 4.0) < 1e-3
+    assert metrics.background_level(target, target) == 0.0
+    assert metrics.ssim(pred, target).item() < 0.6  # the offset costs SSIM ...
+    assert metrics.ssim_background_fixed(pred, target).allclose(torch.ones(1), atol=1e-5)  # ... and only it
+
+
 @dataclass(frozen=True)
 class _Inner:
     lr: float

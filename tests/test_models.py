@@ -76,7 +76,8 @@ def test_save_load_round_trip_identical_forward(tiny, tmp_path, which):
         x = torch.rand(2, 5, 3, 32, 32) * 2 - 1
         assert torch.equal(model(x), loaded(x))
     else:
-        x, t, z = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
+        c, n = det.config.x_channels, det.config.x_size
+        x, t, z = torch.randn(2, 16, c, n, n), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
         assert torch.equal(model(x, t, z), loaded(x, t, z))
         assert torch.equal(model.null_tokens, loaded.null_tokens)
 
@@ -99,7 +100,8 @@ def test_unet_time_conditioning_is_per_frame(tiny):
     for p in det.unet.parameters():  # zero-init output layers would hide any dependence
         p.data.add_(torch.randn_like(p) * 0.02)
     det.eval()
-    x, z = torch.randn(1, 16, 48, 8, 8), torch.randn(1, 64, 32)
+    c, n = det.config.x_channels, det.config.x_size
+    x, z = torch.randn(1, 16, c, n, n), torch.randn(1, 64, 32)
     t = torch.full((1, 16), 500)
     base = det(x, t, z)
     t2 = t.clone()
@@ -176,7 +178,7 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
     assert torch.isfinite(det.training_loss(video, torch.randn(1, 64, 32))).all()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler", "ddpm"])
 def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler, monkeypatch):
     """If the network predicted the exact v of a target clip, every sampler must land on that clip."""
     _, det = tiny
@@ -199,7 +201,8 @@ def test_edm_parameterization_gives_exact_v_for_the_ideal_output(tiny):
     from divot import diffusion
     _, det = tiny
     assert det.config.noise.parameterization == "edm"
-    x0, eps = torch.randn(2, 16, 48, 8, 8), torch.randn(2, 16, 48, 8, 8)
+    c, n = det.config.x_channels, det.config.x_size
+    x0, eps = torch.randn(2, 16, c, n, n), torch.randn(2, 16, c, n, n)
     t = torch.tensor([[999] * 16, [3] * 16])
     acp = det.alphas_cumprod
     x_t = diffusion.q_sample(x0, eps, t, acp)

@@ -19,7 +19,8 @@ def test_fresh_head_leaves_the_unet_output_unchanged_and_round_trips(tmp_path, c
                                                       pixel_head_context=context_channels)).eval()
     with torch.no_grad():
         det.unet.conv_out.weight.normal_(std=0.02)  # a non-zero U-Net output to compare with
-    x, t, tokens = torch.randn(2, 16, 48, 8, 8), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
+    c, n = det.config.x_channels, det.config.x_size
+    x, t, tokens = torch.randn(2, 16, c, n, n), torch.randint(0, 1000, (2, 16)), torch.randn(2, 64, 32)
     ctx = det.context(tokens)
     head = det.pixel_head
     with torch.no_grad():
@@ -132,17 +133,18 @@ def test_first_layout_converts_exactly_where_the_context_map_is_constant(tmp_pat
     cfglib.save_json(det.config, tmp_path, extra={"_class": "DivotDetokenizer"})
     loaded = DivotDetokenizer.from_pretrained(tmp_path).eval()
 
-    x0, x_in, t = torch.randn(1, 2, 48, 8, 8), torch.randn(1, 2, 48, 8, 8), torch.full((1, 2), 400)
+    c, n, p = det.config.x_channels, det.config.x_size, det.config.pixel_patch
+    x0, x_in, t = torch.randn(1, 2, c, n, n), torch.randn(1, 2, c, n, n), torch.full((1, 2), 400)
     context = torch.randn(1, 1, det.config.context_dim).expand(1, 64, -1)  # one token everywhere
     with torch.no_grad():
         new = loaded.pixel_head(x0, x_in, t, context) - x0
         head = loaded.pixel_head
-        pix = [rearrange(v, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=4, p2=4) for v in (x0, x_in)]
+        pix = [rearrange(v, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=p, p2=p) for v in (x0, x_in)]
         level = torch.full_like(pix[0][:, :1], 0.4)
         ctx_map = head.context_proj(context[:, 0]).reshape(1, 8, 1, 1).expand(2, 8, 32, 32)
         h = F.silu(F.conv2d(torch.cat([*pix, level, ctx_map], 1), legacy["net.0.weight"], legacy["net.0.bias"],
                             padding=1))
         h = F.silu(F.conv2d(h, legacy["net.2.weight"], legacy["net.2.bias"]))
         old = F.conv2d(h, legacy["net.4.weight"], legacy["net.4.bias"])
-    new = rearrange(new, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=4, p2=4)
+    new = rearrange(new, "b f (c p1 p2) h w -> (b f) c (h p1) (w p2)", p1=p, p2=p)
     torch.testing.assert_close(new[..., 1:-1, 1:-1], old[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-4)

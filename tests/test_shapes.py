@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from divot.probe import (ProbedObject, attributes_from_caption, probe_agrees,
-                         probe_agrees_caption, probe_clip)
+                         probe_agrees_caption, probe_clip, shape_confusion)
 from divot.shapes import (COLORS, DIRECTIONS, HELDOUT_PAIRS, MIN_GAP, SHAPES,
                           ShapesClip, ShapesVideoDataset, ShapesWorld, canonical_caption,
                           caption, make_question, render, sample_clip)
@@ -270,3 +270,16 @@ def test_long_clips_with_capped_speed_stay_on_canvas():
             for t in (0, 47):
                 x, y = obj.position(t)
                 assert obj.size - 1e-6 <= x <= 64 - obj.size + 1e-6 and obj.size - 1e-6 <= y <= 64 - obj.size + 1e-6
+
+
+def test_shape_confusion_counts_reads_and_misses():
+    clip = ShapesClip((sample_clip(np.random.default_rng(0), "train", num_objects=1).objects[0],))
+    obj = clip.objects[0]
+    track = ((0.0, 0.0),) * 16
+    other = next(s for s in SHAPES if s != obj.shape)
+    probed = [[ProbedObject(obj.color, obj.shape, obj.direction, track)],
+              [ProbedObject(obj.color, other, obj.direction, track)], []]
+    table = shape_confusion(probed, [clip] * 3)
+    assert table[obj.shape][obj.shape] == 1 and table[obj.shape][other] == 1
+    assert table[obj.shape]["missing"] == 1
+    assert sum(n for row in table.values() for n in row.values()) == 3
