@@ -55,6 +55,11 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return rearrange(s, "(b f) -> b f", b=b).mean(dim=1)
 
 
+def _black(target: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """Where ``target`` (…, 3, h, w) is pure black (all channels below half a grey level)."""
+    return (_unit(target) <= 0.5 / 255).all(dim=-3, keepdim=keepdim)
+
+
 def background_level(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Median grey level (0–255, mean of RGB) of ``pred`` where ``target`` is pure black.
 
@@ -62,7 +67,7 @@ def background_level(pred: torch.Tensor, target: torch.Tensor) -> float:
     window SSIM's luminance term with its constant (0.01)² is about 0.29 for a 4-level offset
     (docs/TOKENIZER_TRAINING.md, finding 16). NaN when ``target`` has no black pixel.
     """
-    black = (_unit(target) <= 0.5 / 255).all(dim=-3)  # (b, f, h, w)
+    black = _black(target)  # (b, f, h, w)
     if not black.any():
         return float("nan")
     grey = _unit(pred).mean(dim=-3) * 255
@@ -72,7 +77,7 @@ def background_level(pred: torch.Tensor, target: torch.Tensor) -> float:
 def ssim_background_fixed(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-clip SSIM after setting ``pred`` to black wherever ``target`` is pure black: SSIM of the
     objects alone, without the background offset that :func:`background_level` measures."""
-    black = (_unit(target) <= 0.5 / 255).all(dim=-3, keepdim=True)
+    black = _black(target, keepdim=True)
     return ssim(torch.where(black, torch.full_like(pred, -1.0), pred), target)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from divot import presets
+from divot import diffusion, presets
 from divot.autoencoder import VideoAutoencoder
 from divot.detokenizer import DivotDetokenizer
 from divot.modeling import CheckpointError
@@ -178,7 +178,7 @@ def test_latent_space_detokenizer_with_local_vae(tmp_path):
     assert torch.isfinite(det.training_loss(video, torch.randn(1, 64, 32))).all()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc", "euler", "ddpm"])
+@pytest.mark.parametrize("sampler", diffusion.SAMPLERS)
 def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler, monkeypatch):
     """If the network predicted the exact v of a target clip, every sampler must land on that clip."""
     _, det = tiny
@@ -198,7 +198,6 @@ def test_decode_with_oracle_unet_recovers_the_clip(tiny, sampler, monkeypatch):
 
 def test_edm_parameterization_gives_exact_v_for_the_ideal_output(tiny):
     """With F = (x0 − c_skip·x_t)/c_out the preconditioned model must return the true v."""
-    from divot import diffusion
     _, det = tiny
     assert det.config.noise.parameterization == "edm"
     c, n = det.config.x_channels, det.config.x_size
