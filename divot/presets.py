@@ -48,9 +48,9 @@ DETOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         # From-scratch CPU training: EDM preconditioning (samplers still see v; see diffusion.py).
         "noise": {"parameterization": "edm"},
         # 16×16 → 8×8 → 4×4 → 2×2 pyramid; attention only where it is cheap (4×4, 2×2). A level's
-        # convolutions cost positions × channels², so 32 channels at 16×16 cost what 64 do at 8×8;
-        # 32 is well above the 12 independent values v ≈ ε holds per position at low noise (finding 1).
-        "unet": {"in_channels": 12, "out_channels": 12, "block_out_channels": [32, 64, 64, 128],
+        # convolutions cost positions × channels²; 48 channels at the top level (where outlines are
+        # drawn) gave probe agreement 0.44–0.48 in three runs against 0.30–0.42 for 32 (finding 17).
+        "unet": {"in_channels": 12, "out_channels": 12, "block_out_channels": [48, 64, 64, 128],
                  "attention_levels": [False, False, True, True], "layers_per_block": 1, "head_channels": 32,
                  "cross_attention_dim": 128, "norm_num_groups": 8, "ff_mult": 2,
                  # Queries start out reading the context tokens at their own place; the condition

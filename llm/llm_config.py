@@ -46,6 +46,9 @@ class LLMConfig:
     num_query_tokens: int = NUM_QUERY_TOKENS
     gmm_components: int = NUM_COMPONENTS
     variance_scale: float = 0.1
+    # Not in the paper: query blocks causal, each query reading the token drawn before it
+    # (llm.model). The paper's block is bidirectional and draws all n tokens at once.
+    autoregressive_queries: bool = False
     # Not in the paper: the input projector mixes each clip's tokens (llm.projectors).
     token_mixing: bool = False
     # Loss = ce_weight · CE + gmm_weight · GMM NLL/d (both 1 in the paper).

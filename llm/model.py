@@ -6,6 +6,13 @@ attend to each other bidirectionally (the rest stays causal, :mod:`llm.attention
 last hidden states (after the final RMSNorm) go through the output projector into the GMM
 head. Loss = ``ce_weight`` · next-token CE + ``gmm_weight`` · GMM NLL / d.
 
+``autoregressive_queries`` (not in the paper): the query block is causal like the text, and
+query position i also reads token i − 1 of its block through the output projector's
+``feedback`` map (teacher forcing in training, the drawn token in
+:meth:`DivotLLM.generate_video_tokens`). Why: tokens tied to places (the ``tiny`` tokenizer's
+grid) make a clip's tokens depend on each other through where the object is, which a prompt
+leaves open; n independent draws scatter the object (docs/RESULTS.md, "tokens tied to places").
+
 Which parameters train (:meth:`DivotLLM.set_stage`): LoRA, the fully trained base parameters
 of :mod:`llm.lora` (RMSNorms, embeddings, LM head) and the projectors, except the output
 projector in ``sft-comp`` and the input projector in ``sft-gen``. Each SFT stage starts from
@@ -34,6 +41,7 @@ from llm.attention import query_block_mask
 from llm.gmm import GMMHead, gmm_mean, gmm_sample
 from llm.llm_config import LLMConfig, sync_with_base
 from llm.projectors import InputProjector, InputProjectorConfig, OutputProjector, OutputProjectorConfig
+from llm.sampling import next_token
 from llm.text_tokenizer import (FRAME_START, IGNORE_INDEX, VID_START, load_text_tokenizer,
                                 special_token_ids)
 
@@ -91,7 +99,7 @@ class DivotLLM(nn.Module):
         self.input_projector = InputProjector(InputProjectorConfig(
             config.token_dim, config.hidden_size, config.token_mixing, config.num_query_tokens)).to(dtype)
         self.output_projector = OutputProjector(OutputProjectorConfig(
-            config.hidden_size, config.token_dim, config.gmm_components)).to(dtype)
+            config.hidden_size, config.token_dim, config.gmm_components, config.autoregressive_queries)).to(dtype)
         self.gmm = GMMHead(config.gmm_components, config.token_dim)
         self.stage = "pretrain"
         self.set_stage(self.stage)
@@ -160,7 +168,10 @@ class DivotLLM(nn.Module):
 
     def attention_mask_4d(self, query_mask: torch.Tensor, attention_mask: torch.Tensor | None,
                           dtype: torch.dtype) -> torch.Tensor:
-        """(b, 1, L, L) additive mask: causal, padding hidden, query blocks bidirectional."""
+        """(b, 1, L, L) additive mask: causal, padding hidden, query blocks bidirectional
+        (causal too with ``autoregressive_queries``)."""
+        if self.config.autoregressive_queries:
+            query_mask = torch.zeros_like(query_mask, dtype=torch.bool)
         return query_block_mask(query_mask, attention_mask, dtype=dtype, sliding_window=self.config.sliding_window)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -177,6 +188,8 @@ class DivotLLM(nn.Module):
         embeds = self.embed(input_ids, clip_mask, clip_tokens)
         if query_mask is None:
             query_mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        if self.config.autoregressive_queries:
+            embeds = self._add_feedback(embeds, query_mask, target_tokens)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         mask = self.attention_mask_4d(query_mask.bool(), attention_mask, embeds.dtype)
@@ -191,6 +204,28 @@ class DivotLLM(nn.Module):
         terms = [w * t for w, t in ((self.config.ce_weight, ce), (self.config.gmm_weight, gmm)) if t is not None]
         loss = sum(terms[1:], terms[0]) if terms else None
         return DivotLLMOutput(loss, ce, gmm, logits, hidden, raw)
+
+    def _add_feedback(self, embeds: torch.Tensor, query_mask: torch.Tensor,
+                      target_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Teacher forcing: each query position's embedding + the feedback of the target token
+        before it in its block (row-major order of ``query_mask``, like ``target_tokens``)."""
+        blocks = int(query_mask.sum()) // self.config.num_query_tokens
+        if blocks == 0:
+            return embeds
+        if target_tokens is None:
+            raise ValueError("autoregressive_queries: a forward over query blocks needs their target_tokens "
+                             "(query position i reads token i - 1); use generate_video_tokens to sample")
+        self._check_targets(blocks, target_tokens)
+        fed = rearrange(self.output_projector.feed_back(target_tokens.to(self.device)), "g n h -> (g n) h")
+        added = torch.zeros_like(embeds).masked_scatter(rearrange(query_mask.to(self.device).bool(), "b l -> b l 1"),
+                                                        fed.to(embeds.dtype))
+        return embeds + added
+
+    def _check_targets(self, blocks: int, target_tokens: torch.Tensor) -> None:
+        expected = (blocks, self.config.num_query_tokens, self.config.token_dim)
+        if tuple(target_tokens.shape) != expected:
+            raise ValueError(f"target_tokens must be {expected} (one per query block), "
+                             f"got {tuple(target_tokens.shape)}")
 
     def _ce_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token CE over supervised positions (labels shifted here, HF convention)."""
@@ -215,10 +250,7 @@ class DivotLLM(nn.Module):
         return self.output_projector(picked.to(self.output_projector.proj[0].weight.dtype))
 
     def _gmm_loss(self, raw: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
-        expected = (raw.shape[0], self.config.num_query_tokens, self.config.token_dim)
-        if tuple(target_tokens.shape) != expected:
-            raise ValueError(f"target_tokens must be {expected} (one per query block), "
-                             f"got {tuple(target_tokens.shape)}")
+        self._check_targets(raw.shape[0], target_tokens)
         if raw.shape[0] == 0:
             return raw.float().sum() * 0.0
         return self.gmm.nll(raw, target_tokens.to(raw.device))
@@ -271,7 +303,7 @@ class DivotLLM(nn.Module):
             out = self.base_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
             for step in range(max_new_tokens):
                 logits = self.base_model.lm_head(out.last_hidden_state[0, -1])
-                token = _next_token(logits, do_sample, temperature, top_p, generator)
+                token = next_token(logits, do_sample, temperature, top_p, generator)
                 new.append(token)
                 if on_token is not None:
                     on_token(token)
@@ -289,9 +321,10 @@ class DivotLLM(nn.Module):
 
         The prompt ends just after ``<vid>`` (as written by :meth:`generate_text`), or before
         it (e.g. after ``[/INST]\\n``; ``<vid>`` is then appended). ``<frame>`` + the query
-        tokens follow; one forward with the query-block mask gives the GMM, which is sampled
-        (seeded by ``generator``, variance × ``variance_scale``, default the config's) or
-        read as its mixture mean (``use_mean``).
+        tokens follow; one forward with the query-block mask gives the GMM (n forwards with a
+        KV cache, one per token, with ``autoregressive_queries``), which is sampled (seeded by
+        ``generator``, variance × ``variance_scale``, default the config's) or read as its
+        mixture mean (``use_mean``).
         """
         n = self.config.num_query_tokens
         vid = self.special_ids[VID_START]
@@ -300,20 +333,42 @@ class DivotLLM(nn.Module):
         full = torch.cat([ids, torch.tensor([block], device=self.device)], dim=1)
         query = self._row(query_mask, ids, len(block))
         query[0, -n:] = True
+        scale = self.config.variance_scale if variance_scale is None else variance_scale
+
+        def draw(hidden: torch.Tensor) -> torch.Tensor:  # (m, h) → (m, d)
+            raw = self.output_projector(hidden).float()
+            params = self.gmm.split(raw if generator is None else raw.to(generator.device))
+            if use_mean:  # gmm_sample draws on the generator's device
+                return gmm_mean(params, temperature)
+            return gmm_sample(params, generator, variance_scale=scale, temperature=temperature)
+
         with self.inference():
             embeds = self.embed(full, self._row(clip_mask, ids, len(block)), clip_tokens)
             mask = self.attention_mask_4d(query, None, embeds.dtype)
-            hidden = self.base_model.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-            raw = self.output_projector(hidden[0, -n:]).float()
-            if generator is not None:
-                raw = raw.to(generator.device)  # gmm_sample draws on the generator's device
-            params = self.gmm.split(raw)
-            if use_mean:
-                tokens = gmm_mean(params, temperature)
+            if self.config.autoregressive_queries:
+                tokens = self._draw_autoregressive(embeds, mask, draw)
             else:
-                scale = self.config.variance_scale if variance_scale is None else variance_scale
-                tokens = gmm_sample(params, generator, variance_scale=scale, temperature=temperature)
+                hidden = self.base_model.model(inputs_embeds=embeds, attention_mask=mask,
+                                               use_cache=False).last_hidden_state
+                tokens = draw(hidden[0, -n:])
         return tokens.to(self.device)
+
+    def _draw_autoregressive(self, embeds: torch.Tensor, mask: torch.Tensor,
+                             draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Draw the query block's n tokens one by one; query i + 1 reads token i (KV cache)."""
+        n = self.config.num_query_tokens
+        first = embeds.shape[1] - n + 1  # through the first query position
+        out = self.base_model.model(inputs_embeds=embeds[:, :first], attention_mask=mask[:, :, :first, :first],
+                                    use_cache=True)
+        tokens = []
+        for i in range(n):
+            tokens.append(draw(out.last_hidden_state[0, -1:]))
+            if i == n - 1:
+                break
+            fed = self.output_projector.feedback(tokens[-1].to(self.device, self.output_projector.feedback.weight.dtype))
+            step = embeds[:, first + i:first + i + 1] + fed[None].to(embeds.dtype)
+            out = self.base_model.model(inputs_embeds=step, past_key_values=out.past_key_values, use_cache=True)
+        return torch.cat(tokens)
 
     # ------------------------------------------------------------------ LoRA merge + checkpoints
     def merge_lora(self, on_merged: Callable[[nn.Module], None] | None = None) -> None:
@@ -349,20 +404,3 @@ class DivotLLM(nn.Module):
         checkpoint.load_weights(model, directory, layout)
         return model
 
-
-def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> int:
-    """Greedy, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
-    if not do_sample:
-        return int(logits.argmax())
-    if temperature <= 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p ≤ 1, got {temperature}, {top_p}")
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    if generator is not None:
-        probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))

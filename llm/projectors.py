@@ -12,7 +12,10 @@
   2-layer LLM answered direction questions no better than without the video; with it, 0.89
   (docs/RESULTS.md, "Token mixing").
 * :class:`OutputProjector` (generation): last hidden state of a query token → the 2kd + k raw
-  GMM parameters (see :mod:`llm.gmm`). Paper: 4096 → 8208 → 8208.
+  GMM parameters (see :mod:`llm.gmm`). Paper: 4096 → 8208 → 8208. Optional (``feedback``, not
+  in the paper; for ``LLMConfig.autoregressive_queries``): a linear map back from a Divot token
+  to the hidden size, starting at zero, through which each query position reads the token drawn
+  at the position before it (:meth:`llm.model.DivotLLM.forward`).
 
 Both are ``proj = Sequential(Linear, GELU, Linear)`` so their keys are ``proj.0.*`` and
 ``proj.2.*``, matching the release's ``input_resampler.proj.{0,2}`` and
@@ -80,6 +83,7 @@ class OutputProjectorConfig:
     hidden_size: int = 4096
     token_dim: int = 256
     num_components: int = NUM_COMPONENTS
+    feedback: bool = False  # token → hidden map for autoregressive query blocks (not in the paper)
 
     @property
     def out_dim(self) -> int:
@@ -94,9 +98,22 @@ class OutputProjector(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.proj = _mlp(config.hidden_size, config.out_dim)
+        if config.feedback:
+            # Zero start: an autoregressive block begins as the paper's parallel one, causal.
+            self.feedback = nn.Linear(config.token_dim, config.hidden_size)
+            nn.init.zeros_(self.feedback.weight)
+            nn.init.zeros_(self.feedback.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
+
+    def feed_back(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., n, d) tokens of whole query blocks → (..., n, h): position i gets token i − 1
+        (position 0 gets the map of a zero token), so no position sees its own target."""
+        if not self.config.feedback:
+            raise RuntimeError("this output projector was built without feedback (autoregressive_queries=False)")
+        shifted = torch.nn.functional.pad(tokens[..., :-1, :], (0, 0, 1, 0))
+        return self.feedback(shifted.to(self.feedback.weight.dtype))
 
 
 def from_release_state_dict(module: nn.Module, release_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

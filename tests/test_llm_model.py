@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, MistralForCausalLM
 
 from divot.modeling import CheckpointError
 from llm import lora
+from llm.gmm import gmm_mean
 from llm import text_tokenizer as tt
 from llm.llm_config import llm_config
 from llm.model import DivotLLM
@@ -301,6 +302,43 @@ def test_generate_video_tokens_seeded(tok):
     assert full.abs().max() > 1e-3 and torch.allclose(quarter, 0.5 * full, atol=1e-5)
     assert torch.allclose(sample(prompt, 0) - mu, 0.1 ** 0.5 * full, atol=1e-5)  # config default 0.1
     assert model.training  # inference restores the mode it found
+
+
+def _ar_model(tok):
+    """Autoregressive query blocks with a non-zero feedback map (it starts at zero)."""
+    model = tiny(tok, autoregressive_queries=True).eval()
+    torch.nn.init.normal_(model.output_projector.feedback.weight, std=0.5)
+    return model
+
+
+def test_autoregressive_queries_causal_and_teacher_forced(tok):
+    model = _ar_model(tok)
+    batch = make_batch(tok)
+    qpos = batch["query_mask"][1].nonzero().squeeze(1)
+    with torch.no_grad():
+        base = model(**batch)
+        moved = {**batch, "target_tokens": batch["target_tokens"].clone(),
+                 "input_ids": batch["input_ids"].clone()}
+        moved["target_tokens"][0, 10] += 1.0   # read by query position 11 onwards
+        moved["input_ids"][1, qpos[20]] = 1234  # a later query row: causal now, unseen by 0..19
+        diff = (model(**moved).gmm_raw - base.gmm_raw).abs().amax(-1)[0]  # (n,)
+    assert not diff[:11].any() and diff[11:].all()
+    with pytest.raises(ValueError, match="needs their target_tokens"):
+        model(**{**batch, "target_tokens": None})
+
+
+def test_autoregressive_generation_matches_teacher_forcing(tok):
+    """Drawing token by token with the KV cache = one teacher-forced forward on the drawn tokens."""
+    model = _ar_model(tok)
+    enc = tt.encode_generation(tok, "a red circle moves to the left")
+    prompt = enc.input_ids[:int(enc.query_mask.nonzero()[0]) - 1]  # up to and including <vid>
+    mean = model.generate_video_tokens(prompt, use_mean=True)
+    drawn = model.generate_video_tokens(prompt, generator=torch.Generator().manual_seed(0))
+    assert mean.shape == drawn.shape == (Q, D) and not torch.allclose(mean, drawn)
+    batch = {"input_ids": enc.input_ids[None], "query_mask": enc.query_mask[None], "target_tokens": mean[None]}
+    with torch.no_grad():
+        raw = model(**batch).gmm_raw[0]
+    assert torch.allclose(gmm_mean(model.gmm.split(raw.float())), mean, atol=1e-4)
 
 
 def test_generate_text_greedy_cache_stop_and_limits(tok):

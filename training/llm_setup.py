@@ -137,9 +137,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 # and count from the tokens within a few thousand questions, but with 800 (200 steps of 4) it
 # barely beat the text-only control; motion, read through the projector's token mixing, takes
 # 24,000 (0.66 → 0.80 from 750 to 1500 steps of 16). Batches of 16 cost less per sample than
-# batches of 4 on a CPU (docs/RESULTS.md, "How many QA samples", "Token mixing").
+# batches of 4 on a CPU (docs/RESULTS.md, "How many QA samples", "Token mixing"). Generation
+# gets as many: 1500 steps of 16 put the prompt's colour in 0.44 of generated clips, 200 of 4 in
+# 0.09 (docs/RESULTS.md, "An autoregressive query block does not fix it either").
 TINY_SFT = {"steps": 200, "lr": 5e-4, "warmup_steps": 20, "save_every": 100}
-TINY_SFT_STAGE = {"sft-comp": {"steps": 1500, "batch_size": 16, "save_every": 250}}
+TINY_SFT_STAGE = {"sft-comp": {"steps": 1500, "batch_size": 16, "save_every": 250},
+                  "sft-gen": {"steps": 1500, "batch_size": 16, "save_every": 250}}
 
 
 def expand_presets(data: dict[str, Any]) -> dict[str, Any]:
