@@ -12,6 +12,8 @@ query position i also reads token i − 1 of its block through the output projec
 :meth:`DivotLLM.generate_video_tokens`). Why: tokens tied to places (the ``tiny`` tokenizer's
 grid) make a clip's tokens depend on each other through where the object is, which a prompt
 leaves open; n independent draws scatter the object (docs/RESULTS.md, "tokens tied to places").
+A generated video earlier in a chat stays in the history as its query block without the tokens
+drawn for it, as with the parallel block. Measured on ``tiny``: no better (docs/RESULTS.md).
 
 Which parameters train (:meth:`DivotLLM.set_stage`): LoRA, the fully trained base parameters
 of :mod:`llm.lora` (RMSNorms, embeddings, LM head) and the projectors, except the output
@@ -337,8 +339,9 @@ class DivotLLM(nn.Module):
 
         def draw(hidden: torch.Tensor) -> torch.Tensor:  # (m, h) → (m, d)
             raw = self.output_projector(hidden).float()
+            # gmm_sample draws on the generator's device.
             params = self.gmm.split(raw if generator is None else raw.to(generator.device))
-            if use_mean:  # gmm_sample draws on the generator's device
+            if use_mean:
                 return gmm_mean(params, temperature)
             return gmm_sample(params, generator, variance_scale=scale, temperature=temperature)
 
